@@ -1,0 +1,33 @@
+"""unicon_dist: closed-form contrastive alignment (UniCon) at scale.
+
+The public interface is listed in DESIGN §5; everything here is importable as
+``import unicon_dist as ud``.
+"""
+
+__version__ = "0.1.0"
+
+from . import losses
+from .closed_form import closed_form_step, tangent_projection, truncated_svd
+from .dense import contrastive_loss, similarity_weights
+from .losses import get_loss
+from .metrics import retrieval_metrics
+from .model import UniCon
+from .planning import TilePlan, plan_tiles
+from .streamed import CrossProductOperator, weighted_cross_product
+
+__all__ = [
+    "__version__",
+    "losses",
+    "get_loss",
+    "contrastive_loss",
+    "similarity_weights",
+    "weighted_cross_product",
+    "CrossProductOperator",
+    "closed_form_step",
+    "truncated_svd",
+    "tangent_projection",
+    "UniCon",
+    "retrieval_metrics",
+    "plan_tiles",
+    "TilePlan",
+]

@@ -1,0 +1,99 @@
+"""The closed-form step W* = [C]_r / ρ and its factorisations (DESIGN §2).
+
+Maximising tr(Wᵀ C) − (ρ/2)‖W‖²_F over rank(W) ≤ r is solved by the rank-r truncated
+SVD of C (Eckart–Young–Mirsky): W* = U_r Σ_r V_rᵀ / ρ.  All work here is in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["truncated_svd", "closed_form_step", "tangent_projection", "FACTORIZATIONS"]
+
+FACTORIZATIONS = ("orthonormal", "sqrt")
+
+
+def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
+    """Deterministic signs: the entry of largest magnitude in each left vector is positive."""
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
+    signs[signs == 0] = 1.0
+    return U * signs, Vh * signs[:, None]
+
+
+def truncated_svd(C: torch.Tensor, rank: int):
+    """Top-``rank`` singular triplets of C in float64, with deterministic signs.
+
+    Returns
+    -------
+    U : (m_x, r), s : (r,), Vh : (r, m_y)
+    """
+    C = C.to(torch.float64)
+    U, s, Vh = torch.linalg.svd(C, full_matrices=False)
+    U, Vh = _fix_signs(U[:, :rank], Vh[:rank])
+    return U, s[:rank], Vh
+
+
+def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factorization: str = "orthonormal"):
+    """Factors (F1, F2) of the maximiser of tr(Wᵀ C) − (ρ/2)‖W‖² over rank(W) ≤ r.
+
+    Parameters
+    ----------
+    C : array_like or torch.Tensor, shape (m_x, m_y)
+        The weighted cross product Φ_Xᵀ S Φ_Y.
+    rank : int
+        r ≤ min(m_x, m_y).
+    rho : float
+        Weight of the Frobenius regulariser, > 0.
+    ridge : float
+        Tikhonov term added to the leading diagonal of C before the SVD; it pulls the
+        map toward the identity when both inputs share one space.
+    factorization : {"orthonormal", "sqrt"}
+        "sqrt": F1 = (Σ_r/ρ)^{1/2} U_rᵀ and F2 = (Σ_r/ρ)^{1/2} V_rᵀ, so F1ᵀF2 = W*.
+        "orthonormal": F1 = U_rᵀ, F2 = V_rᵀ (the paper's choice on real data; the
+        singular values then only select the subspace).
+
+    Returns
+    -------
+    F1 : (r, m_x), F2 : (r, m_y)
+        Same kind as ``C`` (float64).
+    """
+    was_numpy = not isinstance(C, torch.Tensor)
+    Ct = torch.as_tensor(np.asarray(C) if was_numpy else C).to(torch.float64)
+    if Ct.ndim != 2:
+        raise ValueError(f"C must be 2-D, got shape {tuple(Ct.shape)}")
+    m = min(Ct.shape)
+    if not isinstance(rank, (int, np.integer)) or rank < 1 or rank > m:
+        raise ValueError(f"rank must be an integer in [1, min(m_x, m_y) = {m}], got {rank!r}")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho!r}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    if factorization not in FACTORIZATIONS:
+        raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}")
+    if ridge:
+        Ct = Ct.clone()
+        Ct.diagonal().add_(ridge)
+    U, s, Vh = truncated_svd(Ct, int(rank))
+    if factorization == "sqrt":
+        root = torch.sqrt(s / rho)[:, None]
+        F1, F2 = root * U.T, root * Vh
+    else:
+        F1, F2 = U.T.contiguous(), Vh.contiguous()
+    if was_numpy:
+        return F1.numpy(), F2.numpy()
+    return F1, F2
+
+
+def tangent_projection(W, Z, rank: int):
+    """Project Z onto the tangent space of the rank-r manifold at W.
+
+    P_T(Z) = U Uᵀ Z + Z V Vᵀ − U Uᵀ Z V Vᵀ with U, V the top-r singular vectors of W.
+    At a stationary point of L + R the tangent part of its gradient ρW − C vanishes.
+    """
+    W = torch.as_tensor(np.asarray(W) if not isinstance(W, torch.Tensor) else W).double()
+    Z = torch.as_tensor(np.asarray(Z) if not isinstance(Z, torch.Tensor) else Z).double()
+    U, _, Vh = truncated_svd(W, rank)
+    PU = U @ (U.T @ Z)
+    return PU + (Z @ Vh.T) @ Vh - (PU @ Vh.T) @ Vh

@@ -1,0 +1,403 @@
+"""The UniCon estimator: the closed-form fixed point of DESIGN §2 on in-memory arrays."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from . import __version__
+from .closed_form import FACTORIZATIONS, closed_form_step
+from .losses import get_loss, loss_from_params
+from .persistence import atomic_save_npz, load_npz
+from .streamed import CrossProductOperator, make_batches
+from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
+
+__all__ = ["UniCon"]
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("linear",)
+SIMILARITIES = ("cosine", "dot")
+SVD_SOLVERS = ("auto", "exact")
+_FORMAT = "unicon_dist.model/1"
+
+
+class UniCon:
+    """Closed-form contrastive alignment of two views (Sui, Wang & Do, ICLR 2026).
+
+    Encoders f(x) = F1 φ_x(x) and g(y) = F2 φ_y(y) in R^r are found by a fixed
+    point: with the similarities s of the current encoders, S(γ) = −∂L/∂s is fixed
+    and the best rank-r map is W = F1ᵀF2 = [Φ_Xᵀ S Φ_Y]_r / ρ (a truncated SVD); the
+    similarities are then recomputed, until the relative change of W is below
+    ``tol``.  The first step starts from s = 0.  S(γ) is never formed: Φ_Xᵀ S Φ_Y is
+    streamed in tiles (:class:`unicon_dist.CrossProductOperator`).
+
+    Parameters
+    ----------
+    rank : int
+        Embedding dimension r (≤ min of the two feature dimensions).
+    kernel : {"linear"}
+        Feature map; "linear" uses the inputs as they are.
+    n_landmarks : None
+        Nyström landmarks (nonlinear kernels only).
+    loss : str or ContrastiveLoss
+        "clip" (InfoNCE), "triplet", "sigmoid", or a loss object.
+    temperature : float
+        τ > 0 (the hinge smoothing width for "triplet").
+    nu : float
+        Weight ν of the positive inside ψ.
+    rho : float
+        Weight of the regulariser (ρ/2)‖W‖²_F; W* = [C]_r / ρ.
+    negatives : "full" or int
+        All n² pairs, or a seeded split into batches of this size (one global SVD of
+        the block-diagonal problem).
+    similarity : {"cosine", "dot"}
+        Cosine: embeddings are L2-normalised; each step linearises at the current
+        encoders by scaling row i of Φ_X by 1/‖f(x_i)‖ (and Φ_Y likewise).
+    factorization : {"orthonormal", "sqrt"}
+        How W* is split into F1, F2 (see :func:`unicon_dist.closed_form_step`).
+    ridge : float
+        Tikhonov term on the leading diagonal of C before the SVD.
+    max_iter : int
+        Maximum number of closed-form steps.
+    tol : float
+        Stop when ‖W_k − W_{k−1}‖_F / ‖W_k‖_F < tol.
+    svd : {"auto", "exact"}
+        Solver of the rank-r step.
+    seed : int
+        Seed of the negatives batch split.
+    device : str
+        Torch device of the tile arithmetic ("cpu", "cuda", ...).
+    dtype : {"float32", "float64"}
+        Precision of the tiles; C and the SVD are always float64.
+    memory_budget : int, optional
+        Bytes the similarity tiles may use (the planner picks tile sizes).
+    verbose : bool
+        Log one line per iteration at INFO level.
+
+    Attributes
+    ----------
+    F1_ : ndarray of shape (rank, m_x)
+    F2_ : ndarray of shape (rank, m_y)
+    W_ : ndarray of shape (m_x, m_y)
+        F1_ᵀ F2_, the bilinear map of the similarity (float64).
+    history_ : list of dict
+        Per iteration k: "iteration", "loss" (L at W_k), "objective" (L + (ρ/2)‖W_k‖²),
+        "delta_w" (‖W_k − W_{k−1}‖/‖W_k‖) and "seconds".
+    initial_loss_ : float
+        L at s = 0, where the iteration starts.
+    loss_ : float
+        L at the kept encoders.
+    n_iter_ : int
+    converged_ : bool
+    best_iteration_ : int
+        The iterate kept: the one with the lowest objective (the last one when the
+        iteration converged to a fixed point that is also the best iterate seen).
+    n_features_x_, n_features_y_ : int
+
+    References
+    ----------
+    Sui, Wang & Do, "UniCon: Unified Framework for Efficient Contrastive Alignment
+    via Kernels", ICLR 2026.
+    """
+
+    def __init__(
+        self,
+        rank: int = 128,
+        *,
+        kernel: str = "linear",
+        n_landmarks=None,
+        loss="clip",
+        temperature: float = 0.07,
+        nu: float = 1.0,
+        rho: float = 1.0,
+        negatives="full",
+        similarity: str = "cosine",
+        factorization: str = "orthonormal",
+        ridge: float = 0.0,
+        max_iter: int = 10,
+        tol: float = 1e-4,
+        svd: str = "auto",
+        seed: int = 0,
+        device: str = "cpu",
+        dtype: str = "float32",
+        memory_budget: int | None = None,
+        verbose: bool = False,
+    ):
+        self.rank = rank
+        self.kernel = kernel
+        self.n_landmarks = n_landmarks
+        self.loss = loss
+        self.temperature = temperature
+        self.nu = nu
+        self.rho = rho
+        self.negatives = negatives
+        self.similarity = similarity
+        self.factorization = factorization
+        self.ridge = ridge
+        self.max_iter = max_iter
+        self.tol = tol
+        self.svd = svd
+        self.seed = seed
+        self.device = device
+        self.dtype = dtype
+        self.memory_budget = memory_budget
+        self.verbose = verbose
+
+    # ------------------------------------------------------------ parameters
+    _PARAMS = (
+        "rank", "kernel", "n_landmarks", "loss", "temperature", "nu", "rho", "negatives", "similarity",
+        "factorization", "ridge", "max_iter", "tol", "svd", "seed", "device", "dtype", "memory_budget", "verbose",
+    )
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {k: getattr(self, k) for k in self._PARAMS}
+
+    def set_params(self, **params):
+        for k, v in params.items():
+            if k not in self._PARAMS:
+                raise ValueError(f"unknown parameter {k!r} for UniCon")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self):
+        defaults = UniCon()
+        changed = [f"{k}={getattr(self, k)!r}" for k in self._PARAMS if getattr(self, k) != getattr(defaults, k)]
+        return f"UniCon({', '.join(changed)})"
+
+    def _validate_params(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; available kernels: {KERNELS}")
+        if self.n_landmarks is not None:
+            raise ValueError("n_landmarks applies to Nyström feature maps of nonlinear kernels; kernel='linear' takes none")
+        loss_fn = get_loss(self.loss, temperature=self.temperature, nu=self.nu)
+        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
+        make_batches(2, self.negatives)  # validates the value
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.factorization not in FACTORIZATIONS:
+            raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {self.factorization!r}")
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
+            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if self.svd not in SVD_SOLVERS:
+            raise ValueError(f"svd must be one of {SVD_SOLVERS}, got {self.svd!r}")
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype of the tile arithmetic must be float32 or float64, got {self.dtype!r}")
+        return loss_fn, device, dtype
+
+    # -------------------------------------------------------------- fitting
+    def fit(self, X, Y, groups=None):
+        """Fit the encoders on paired views.
+
+        Parameters
+        ----------
+        X : array_like, shape (n, d_x)
+        Y : array_like, shape (n, d_y)
+            Row i of X and row i of Y are a pair.
+        groups : array_like of int, shape (n,), optional
+            Many-to-many positives: x_i and y_j are positives iff groups[i] == groups[j].
+
+        Returns
+        -------
+        self
+        """
+        loss_fn, device, dtype = self._validate_params()
+        X = check_matrix(X, "X", dtype=dtype, device=device)
+        Y = check_matrix(Y, "Y", dtype=dtype, device=device)
+        n = check_same_rows(X=X, Y=Y)
+        if n < 2:
+            raise ValueError(f"need at least 2 pairs to contrast, got {n}")
+        mx, my = X.shape[1], Y.shape[1]
+        if self.rank > min(mx, my):
+            raise ValueError(f"rank={self.rank} exceeds min(m_x, m_y) = min({mx}, {my}) = {min(mx, my)} features")
+        phi_x, phi_y = X, Y  # the linear kernel's feature maps
+        self.loss_fn_ = loss_fn
+        self.n_features_x_, self.n_features_y_ = mx, my
+        self.history_ = []
+        self.converged_ = False
+        W_prev = torch.zeros((mx, my), dtype=torch.float64, device=device)
+        F1 = F2 = None
+        best = None  # (objective, iteration, F1, F2, W)
+        op = self._operator(phi_x, phi_y, None, None, groups)
+        self.initial_loss_ = op.loss
+        for it in range(1, int(self.max_iter) + 1):
+            t0 = time.perf_counter()
+            C = op.materialize()
+            F1, F2 = closed_form_step(C, int(self.rank), self.rho, self.ridge, self.factorization)
+            W = F1.T @ F2
+            delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
+            # the next step's statistics give L at W_k (pass 1 only when this is the last step)
+            op = self._operator(phi_x, phi_y, F1, F2, groups)
+            objective = op.loss + 0.5 * self.rho * float(torch.linalg.norm(W) ** 2)
+            seconds = time.perf_counter() - t0
+            self.history_.append(
+                {"iteration": it, "loss": op.loss, "objective": objective, "delta_w": delta, "seconds": seconds}
+            )
+            if self.verbose:
+                logger.info("iteration %d: loss %.6g, delta_w %.3e, %.2fs", it, op.loss, delta, seconds)
+            if best is None or objective < best[0]:
+                best = (objective, it, F1, F2, W)
+            W_prev = W
+            if delta < self.tol:
+                self.converged_ = True
+                break
+        self.n_iter_ = len(self.history_)
+        # The fixed-point map need not contract (small τ with cosine similarity can
+        # oscillate), so the encoders kept are those of the iterate with the lowest
+        # L + R; at convergence that is the fixed point itself.
+        _, self.best_iteration_, F1, F2, W = best
+        self.loss_ = self.history_[self.best_iteration_ - 1]["loss"]
+        if not self.converged_:
+            logger.warning(
+                "UniCon did not converge in %d iterations (last delta_w %.3g > tol %.3g); keeping iteration %d, "
+                "the lowest objective", self.n_iter_, delta, self.tol, self.best_iteration_,
+            )
+        self.F1_ = F1.cpu().numpy()
+        self.F2_ = F2.cpu().numpy()
+        self.W_ = W.cpu().numpy()
+        return self
+
+    def _operator(self, phi_x, phi_y, F1, F2, groups) -> CrossProductOperator:
+        """S(γ) at the current encoders; F1 = None means s = 0 (the first step)."""
+        n = phi_x.shape[0]
+        if F1 is None:
+            zx = torch.zeros((n, 1), dtype=phi_x.dtype, device=phi_x.device)
+            zy = zx
+        else:
+            zx = phi_x @ F1.to(phi_x.dtype).T
+            zy = phi_y @ F2.to(phi_y.dtype).T
+            if self.similarity == "cosine":
+                sx, sy = _inverse_norms(zx), _inverse_norms(zy)
+                zx, zy = zx * sx[:, None], zy * sy[:, None]
+                phi_x, phi_y = phi_x * sx[:, None], phi_y * sy[:, None]
+        return CrossProductOperator(
+            phi_x, phi_y, zx, zy, loss=self.loss_fn_, negatives=self.negatives, groups=groups,
+            seed=self.seed, memory_budget=self.memory_budget,
+        )
+
+    # ------------------------------------------------------------- encoding
+    def _check_fitted(self):
+        if not hasattr(self, "F1_"):
+            raise RuntimeError("this UniCon model is not fitted yet; call fit() or UniCon.load() first")
+
+    def _encode(self, A, F, name, n_features):
+        self._check_fitted()
+        was_tensor = isinstance(A, torch.Tensor)
+        A = check_matrix(A, name)
+        if A.shape[1] != n_features:
+            raise ValueError(f"{name} has {A.shape[1]} features, the model was fitted on {n_features}")
+        dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+        Ft = torch.as_tensor(F, device=A.device).to(dtype)
+        Z = A.to(dtype) @ Ft.T
+        if self.similarity == "cosine":
+            Z = Z * _inverse_norms(Z)[:, None]
+        return Z if was_tensor else Z.cpu().numpy()
+
+    def encode_x(self, X):
+        """Embeddings f(x) of the first view, shape (n, rank) (unit rows for cosine)."""
+        return self._encode(X, self.F1_, "X", self.n_features_x_)
+
+    def encode_y(self, Y):
+        """Embeddings g(y) of the second view, shape (n, rank) (unit rows for cosine)."""
+        return self._encode(Y, self.F2_, "Y", self.n_features_y_)
+
+    def similarity_matrix(self, X, Y):
+        """Alias of :meth:`similarity`."""
+        return self.similarity(X, Y)
+
+    # ``similarity`` is both a constructor parameter and a method in DESIGN §5; the
+    # parameter lives in the instance dict, so the method is reached through the class.
+    def _similarity(self, X, Y):
+        zx, zy = self.encode_x(X), self.encode_y(Y)
+        return zx @ zy.T
+
+    # -------------------------------------------------------------- storage
+    def save(self, path):
+        """Write the fitted model to one .npz file (JSON header + arrays), atomically."""
+        self._check_fitted()
+        params = self.get_params()
+        params["loss"] = self.loss_fn_.params()
+        header = {
+            "format": _FORMAT,
+            "version": __version__,
+            "params": params,
+            "n_features_x": self.n_features_x_,
+            "n_features_y": self.n_features_y_,
+            "history": self.history_,
+            "n_iter": self.n_iter_,
+            "converged": self.converged_,
+            "loss": self.loss_,
+            "initial_loss": self.initial_loss_,
+            "best_iteration": self.best_iteration_,
+        }
+        return atomic_save_npz(path, header, {"F1": self.F1_, "F2": self.F2_})
+
+    @classmethod
+    def load(cls, path) -> "UniCon":
+        """Read a model written by :meth:`save`."""
+        header, arrays = load_npz(path)
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (expected {_FORMAT!r})")
+        params = dict(header["params"])
+        loss_fn = loss_from_params(params.pop("loss"))
+        model = cls(**params, loss=loss_fn)
+        model.loss_fn_ = loss_fn
+        model.F1_ = arrays["F1"]
+        model.F2_ = arrays["F2"]
+        model.W_ = model.F1_.T @ model.F2_
+        model.n_features_x_ = int(header["n_features_x"])
+        model.n_features_y_ = int(header["n_features_y"])
+        model.history_ = header["history"]
+        model.n_iter_ = int(header["n_iter"])
+        model.converged_ = bool(header["converged"])
+        model.loss_ = float(header["loss"])
+        model.initial_loss_ = float(header["initial_loss"])
+        model.best_iteration_ = int(header["best_iteration"])
+        return model
+
+
+class _SimilarityDescriptor:
+    """``model.similarity`` is the constructor string; ``model.similarity(X, Y)`` scores pairs."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return _SimilarityValue(obj, obj.__dict__["_similarity_kind"])
+
+    def __set__(self, obj, value):
+        obj.__dict__["_similarity_kind"] = value
+
+
+class _SimilarityValue(str):
+    """The similarity name, callable as the similarity matrix of two views."""
+
+    def __new__(cls, model, kind):
+        self = super().__new__(cls, kind)
+        self._model = model
+        return self
+
+    def __call__(self, X, Y):
+        """Similarity matrix of the encoded views, shape (n_x, n_y)."""
+        return self._model._similarity(X, Y)
+
+
+UniCon.similarity = _SimilarityDescriptor()
+
+
+def _inverse_norms(Z: torch.Tensor) -> torch.Tensor:
+    """1/‖z_i‖, with 0 for zero rows (they then take no part instead of dividing by 0)."""
+    norms = torch.linalg.norm(Z, dim=1)
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(Z.dtype).tiny), torch.zeros_like(norms))
