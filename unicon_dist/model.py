@@ -293,8 +293,11 @@ class UniCon:
         if not hasattr(self, "F1_"):
             raise RuntimeError("this UniCon model is not fitted yet; call fit() or UniCon.load() first")
 
-    def _encode(self, A, F, name, n_features):
+    def _encode(self, A, which: str):
         self._check_fitted()
+        F, name, n_features = (
+            (self.F1_, "X", self.n_features_x_) if which == "x" else (self.F2_, "Y", self.n_features_y_)
+        )
         was_tensor = isinstance(A, torch.Tensor)
         A = check_matrix(A, name)
         if A.shape[1] != n_features:
@@ -308,11 +311,11 @@ class UniCon:
 
     def encode_x(self, X):
         """Embeddings f(x) of the first view, shape (n, rank) (unit rows for cosine)."""
-        return self._encode(X, self.F1_, "X", self.n_features_x_)
+        return self._encode(X, "x")
 
     def encode_y(self, Y):
         """Embeddings g(y) of the second view, shape (n, rank) (unit rows for cosine)."""
-        return self._encode(Y, self.F2_, "Y", self.n_features_y_)
+        return self._encode(Y, "y")
 
     def similarity_matrix(self, X, Y):
         """Alias of :meth:`similarity`."""

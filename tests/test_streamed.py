@@ -1,0 +1,311 @@
+"""Streamed C = Φ_Xᵀ S(z_x z_yᵀ) Φ_Y against the dense float64 reference (DESIGN §3)."""
+
+import numpy as np
+import pytest
+import torch
+
+import unicon_dist as ud
+from unicon_dist import losses as L
+
+from _refs import batches, rel_err, uneven_groups
+
+TEMPS = {"clip": 0.1, "triplet": 0.1, "sigmoid": 0.1}
+
+
+def _unit(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def make_problem(n, m_x=7, m_y=5, r=6, seed=0, dtype=np.float64, scale=1.0):
+    rng = np.random.default_rng(seed)
+    phi_x = rng.standard_normal((n, m_x))
+    phi_y = rng.standard_normal((n, m_y))
+    z_x = _unit(rng.standard_normal((n, r)))
+    # y-embeddings correlated with their x partners so positives stand out
+    z_y = _unit(z_x + 0.8 * rng.standard_normal((n, r)))
+    z_x, z_y = scale * z_x, scale * z_y
+    return tuple(a.astype(dtype) for a in (phi_x, phi_y, z_x, z_y))
+
+
+def random_sizes(n, seed, max_size=5):
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(min(rng.integers(1, max_size + 1), n - sum(sizes))))
+    return sizes
+
+
+def make_groups(kind, n, seed=0):
+    if kind == "none":
+        return None
+    sizes = random_sizes(n, seed)
+    return uneven_groups(sizes, rng=np.random.default_rng(seed + 1), shuffle=(kind == "shuffled"))
+
+
+def dense_reference(phi_x, phi_y, z_x, z_y, loss, tau, nu=1.0, groups=None, negatives="full", seed=0):
+    """(C, loss) from the dense S of ``similarity_weights`` in float64."""
+    px, py, zx, zy = (np.asarray(a, dtype=np.float64) for a in (phi_x, phi_y, z_x, z_y))
+    n = px.shape[0]
+    g = None if groups is None else np.asarray(groups)
+    if negatives == "full":
+        s = zx @ zy.T
+        S = ud.similarity_weights(s, loss=loss, temperature=tau, nu=nu, groups=g)
+        return px.T @ S @ py, ud.contrastive_loss(s, loss=loss, temperature=tau, nu=nu, groups=g)
+    C = np.zeros((px.shape[1], py.shape[1]))
+    total = 0.0
+    for idx in batches(n, negatives, seed):
+        s_b = zx[idx] @ zy[idx].T
+        g_b = None if g is None else g[idx]
+        w = len(idx) / n
+        S_b = ud.similarity_weights(s_b, loss=loss, temperature=tau, nu=nu, groups=g_b) * w
+        C += px[idx].T @ S_b @ py[idx]
+        total += w * ud.contrastive_loss(s_b, loss=loss, temperature=tau, nu=nu, groups=g_b)
+    return C, total
+
+
+# --------------------------------------------------------------------------------------
+# full negatives
+# --------------------------------------------------------------------------------------
+FULL_CASES = [
+    # (loss, n, groups kind, nu, block_rows, block_cols)
+    ("clip", 3000, "none", 1.0, 257, 1001),
+    ("clip", 500, "none", 1.0, 37, 101),
+    ("clip", 500, "sorted", 1.0, 37, 101),
+    ("clip", 500, "shuffled", 1.0, 37, 101),
+    ("clip", 401, "shuffled", 1.5, 64, 33),
+    ("clip", 300, "shuffled", 1.0, None, None),
+    ("triplet", 150, "none", 1.0, 37, 101),
+    ("triplet", 150, "shuffled", 1.5, 37, 101),
+    ("sigmoid", 150, "none", 1.5, 37, 101),
+    ("sigmoid", 150, "shuffled", 1.0, 37, 101),
+]
+
+
+@pytest.mark.parametrize("loss, n, gkind, nu, br, bc", FULL_CASES)
+def test_full_negatives_equal_dense(loss, n, gkind, nu, br, bc):
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=n)
+    groups = make_groups(gkind, n, seed=n)
+    tau = TEMPS[loss]
+    C, lval = ud.weighted_cross_product(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=tau, nu=nu, groups=groups,
+        block_rows=br, block_cols=bc, return_loss=True,
+    )
+    C_ref, l_ref = dense_reference(phi_x, phi_y, z_x, z_y, loss, tau, nu, groups)
+    assert isinstance(C, np.ndarray) and C.dtype == np.float64 and C.shape == (7, 5)
+    assert rel_err(C, C_ref) < 1e-9
+    assert lval == pytest.approx(l_ref, rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# negatives = B (block-diagonal S, seeded batches)
+# --------------------------------------------------------------------------------------
+NEG_CASES = [
+    # (loss, n, groups kind, B, seed, block_rows, block_cols)
+    ("clip", 500, "none", 64, 0, 37, 101),
+    ("clip", 500, "shuffled", 64, 3, 37, 101),
+    ("clip", 333, "sorted", 100, 1, 17, 29),
+    ("triplet", 130, "shuffled", 40, 2, 37, 101),
+    ("sigmoid", 130, "none", 40, 5, 11, 23),
+]
+
+
+@pytest.mark.parametrize("loss, n, gkind, B, seed, br, bc", NEG_CASES)
+def test_batched_negatives_equal_dense(loss, n, gkind, B, seed, br, bc):
+    assert n % B != 0
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=7 + n)
+    groups = make_groups(gkind, n, seed=n)
+    tau = TEMPS[loss]
+    C, lval = ud.weighted_cross_product(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=tau, negatives=B, groups=groups,
+        seed=seed, block_rows=br, block_cols=bc, return_loss=True,
+    )
+    C_ref, l_ref = dense_reference(phi_x, phi_y, z_x, z_y, loss, tau, 1.0, groups, negatives=B, seed=seed)
+    assert rel_err(C, C_ref) < 1e-9
+    assert lval == pytest.approx(l_ref, rel=1e-10)
+    # the batch split matters: another seed gives a different C, full negatives another again
+    C_other = ud.weighted_cross_product(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=tau, negatives=B, groups=groups, seed=seed + 1
+    )
+    assert rel_err(C_other, C_ref) > 1e-6
+    C_full = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss=loss, temperature=tau, groups=groups)
+    assert rel_err(C_full, C_ref) > 1e-6
+
+
+def test_batch_size_at_least_n_is_full():
+    phi_x, phi_y, z_x, z_y = make_problem(90, seed=1)
+    C_full = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, temperature=0.1)
+    for B in (90, 1000):
+        C_B = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, temperature=0.1, negatives=B)
+        assert rel_err(C_B, C_full) < 1e-12
+
+
+# --------------------------------------------------------------------------------------
+# precision: |s/τ| ≈ 80 in float32
+# --------------------------------------------------------------------------------------
+def extreme_problem(n, seed=0):
+    """float32 inputs with s = z_x z_yᵀ in [−0.8, 0.8] and many |s| close to 0.8."""
+    rng = np.random.default_rng(seed)
+    r = 8
+    dirs = _unit(rng.standard_normal((6, r)))
+    which = rng.integers(0, 6, n)
+    sign = rng.choice([-1.0, 1.0], n)
+    z_x = _unit(sign[:, None] * dirs[which] + 0.02 * rng.standard_normal((n, r)))
+    z_y = _unit(z_x + 0.02 * rng.standard_normal((n, r)))
+    z_x, z_y = np.sqrt(0.8) * z_x, np.sqrt(0.8) * z_y
+    phi_x = rng.standard_normal((n, 6))
+    phi_y = rng.standard_normal((n, 4))
+    return tuple(a.astype(np.float32) for a in (phi_x, phi_y, z_x, z_y))
+
+
+@pytest.mark.parametrize(
+    "loss, n, gkind, negatives",
+    [("clip", 600, "none", "full"), ("clip", 600, "shuffled", "full"), ("clip", 600, "shuffled", 97),
+     ("sigmoid", 120, "shuffled", "full"), ("triplet", 120, "none", "full")],
+)
+def test_extreme_similarities_float32(loss, n, gkind, negatives):
+    phi_x, phi_y, z_x, z_y = extreme_problem(n, seed=n)
+    s64 = z_x.astype(np.float64) @ z_y.astype(np.float64).T
+    assert np.abs(s64).max() > 0.79 and s64.min() < -0.79  # really |s/τ| ≈ 80
+    groups = make_groups(gkind, n, seed=3)
+    tau = 0.01
+    C, lval = ud.weighted_cross_product(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=tau, groups=groups, negatives=negatives,
+        block_rows=61, block_cols=143, return_loss=True,
+    )
+    assert C.dtype == np.float64
+    assert np.all(np.isfinite(C)) and np.isfinite(lval)
+    C_ref, l_ref = dense_reference(phi_x, phi_y, z_x, z_y, loss, tau, 1.0, groups, negatives=negatives)
+    assert np.all(np.isfinite(C_ref))
+    assert rel_err(C, C_ref) < 2e-5
+    assert lval == pytest.approx(l_ref, rel=1e-4, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# return_loss, torch in/out, operator, determinism
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["clip", "triplet", "sigmoid"])
+def test_return_loss_equals_contrastive_loss(loss):
+    n = 80
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=2)
+    groups = make_groups("shuffled", n, seed=4)
+    C, lval = ud.weighted_cross_product(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=0.2, groups=groups, return_loss=True
+    )
+    C2 = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss=loss, temperature=0.2, groups=groups)
+    np.testing.assert_array_equal(C, C2)
+    want = ud.contrastive_loss(z_x @ z_y.T, loss=loss, temperature=0.2, groups=groups)
+    assert isinstance(lval, float)
+    assert lval == pytest.approx(want, rel=1e-10)
+
+
+def test_torch_inputs_give_torch_output():
+    phi_x, phi_y, z_x, z_y = make_problem(100, seed=5)
+    C_np = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, temperature=0.1)
+    C_t = ud.weighted_cross_product(*(torch.from_numpy(a) for a in (phi_x, phi_y, z_x, z_y)), temperature=0.1)
+    assert isinstance(C_t, torch.Tensor) and C_t.dtype == torch.float64 and tuple(C_t.shape) == (7, 5)
+    assert rel_err(C_t.numpy(), C_np) < 1e-12
+
+
+def test_identity_features_give_dense_S():
+    """With Φ_X = Φ_Y = I (m = n) the streamed C is S itself."""
+    n = 40
+    _, _, z_x, z_y = make_problem(n, seed=9)
+    groups = make_groups("shuffled", n, seed=9)
+    eye = np.eye(n)
+    C = ud.weighted_cross_product(eye, eye, z_x, z_y, temperature=0.1, groups=groups, block_rows=7, block_cols=9)
+    S = ud.similarity_weights(z_x @ z_y.T, temperature=0.1, groups=groups)
+    np.testing.assert_allclose(C, S, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("negatives", ["full", 45])
+@pytest.mark.parametrize("loss", ["clip", "sigmoid"])
+def test_operator_products(loss, negatives):
+    n = 160
+    phi_x, phi_y, z_x, z_y = make_problem(n, m_x=9, m_y=6, seed=11)
+    groups = make_groups("shuffled", n, seed=11)
+    op = ud.CrossProductOperator(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=0.1, negatives=negatives, groups=groups,
+        seed=4, block_rows=37, block_cols=50,
+    )
+    assert tuple(op.shape) == (9, 6)
+    C = np.asarray(op.materialize(), dtype=np.float64)
+    C_ref, l_ref = dense_reference(phi_x, phi_y, z_x, z_y, loss, 0.1, 1.0, groups, negatives=negatives, seed=4)
+    assert rel_err(C, C_ref) < 1e-9
+    assert float(op.loss) == pytest.approx(l_ref, rel=1e-10)
+    rng = np.random.default_rng(0)
+    om_y = rng.standard_normal((6, 3))
+    om_x = rng.standard_normal((9, 4))
+    got_m = np.asarray(op.matmul(om_y), dtype=np.float64)
+    got_r = np.asarray(op.rmatmul(om_x), dtype=np.float64)
+    assert got_m.shape == (9, 3) and got_r.shape == (6, 4)
+    np.testing.assert_allclose(got_m, C @ om_y, rtol=0, atol=1e-11 * np.abs(C @ om_y).max())
+    np.testing.assert_allclose(got_r, C.T @ om_x, rtol=0, atol=1e-11 * np.abs(C.T @ om_x).max())
+    # torch omegas work as well
+    got_t = op.matmul(torch.from_numpy(om_y))
+    np.testing.assert_allclose(np.asarray(got_t, dtype=np.float64), C @ om_y, rtol=0,
+                               atol=1e-11 * np.abs(C @ om_y).max())
+
+
+@pytest.mark.parametrize("loss, gkind", [("clip", "none"), ("clip", "shuffled"), ("triplet", "shuffled")])
+def test_deterministic_across_block_sizes(loss, gkind):
+    n = 230
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=13)
+    groups = make_groups(gkind, n, seed=13)
+    results = [
+        ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss=loss, temperature=0.1, groups=groups,
+                                  block_rows=br, block_cols=bc)
+        for br, bc in [(None, None), (37, 101), (n, n), (1, 230), (229, 3)]
+    ]
+    for C in results[1:]:
+        assert rel_err(C, results[0]) < 1e-12
+    # repeated calls are bit-identical
+    again = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss=loss, temperature=0.1, groups=groups,
+                                      block_rows=37, block_cols=101)
+    np.testing.assert_array_equal(again, results[1])
+
+
+def test_rows_permuted_together_leave_C_unchanged():
+    n = 120
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=17)
+    groups = make_groups("shuffled", n, seed=17)
+    C = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, temperature=0.1, groups=groups)
+    p = np.random.default_rng(1).permutation(n)
+    Cp = ud.weighted_cross_product(phi_x[p], phi_y[p], z_x[p], z_y[p], temperature=0.1, groups=groups[p])
+    assert rel_err(Cp, C) < 1e-12
+
+
+class _GeneralClip(L.ContrastiveLoss):
+    """CLIP written as a generic family member (exponential=False): exercises the general-ψ path."""
+
+    name = "general-clip"
+    exponential = False
+
+    def __init__(self, temperature, nu=1.0):
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "nu", nu)
+        object.__setattr__(self, "epsilon", 1.0)
+
+    def phi(self, a):
+        return self.temperature * torch.log(a)
+
+    def dphi(self, a):
+        return self.temperature / a
+
+    def psi(self, x):
+        return torch.exp(x / self.temperature)
+
+    def dpsi(self, x):
+        return torch.exp(x / self.temperature) / self.temperature
+
+
+@pytest.mark.parametrize("nu", [1.0, 1.5])
+def test_general_path_agrees_with_exponential_path(nu):
+    n = 140
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=19)
+    groups = make_groups("shuffled", n, seed=19)
+    C_exp, l_exp = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss=L.InfoNCE(temperature=0.3, nu=nu),
+                                             groups=groups, block_rows=37, block_cols=101, return_loss=True)
+    C_gen, l_gen = ud.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss=_GeneralClip(0.3, nu),
+                                             groups=groups, block_rows=37, block_cols=101, return_loss=True)
+    assert rel_err(C_gen, C_exp) < 1e-9
+    assert l_gen == pytest.approx(l_exp, rel=1e-10)
