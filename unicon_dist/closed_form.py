@@ -35,13 +35,34 @@ def truncated_svd(C: torch.Tensor, rank: int):
     return U, s[:rank], Vh
 
 
-def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factorization: str = "orthonormal"):
+class _Shifted:
+    """C + ridge·I (ones on the leading diagonal) as an operator, for the matrix-free SVD."""
+
+    def __init__(self, op, ridge: float):
+        self.op, self.ridge, self.shape = op, ridge, tuple(op.shape)
+
+    def _eye(self, omega, rows):
+        out = torch.zeros((rows, omega.shape[1]), dtype=torch.float64)
+        k = min(self.shape)
+        out[:k] = self.ridge * omega[:k].to(torch.float64).cpu()
+        return out
+
+    def matmul(self, omega):
+        return self.op.matmul(omega).to(torch.float64).cpu() + self._eye(omega, self.shape[0])
+
+    def rmatmul(self, omega):
+        return self.op.rmatmul(omega).to(torch.float64).cpu() + self._eye(omega, self.shape[1])
+
+
+def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factorization: str = "orthonormal",
+                     svd: str = "exact", oversampling: int = 10, n_power_iter: int = 2, seed: int = 0):
     """Factors (F1, F2) of the maximiser of tr(Wᵀ C) − (ρ/2)‖W‖² over rank(W) ≤ r.
 
     Parameters
     ----------
-    C : array_like or torch.Tensor, shape (m_x, m_y)
-        The weighted cross product Φ_Xᵀ S Φ_Y.
+    C : array_like, torch.Tensor, or operator, shape (m_x, m_y)
+        The weighted cross product Φ_Xᵀ S Φ_Y, explicit or as an operator with
+        ``shape``, ``matmul`` and ``rmatmul`` (then ``svd`` must be "randomized").
     rank : int
         r ≤ min(m_x, m_y).
     rho : float
@@ -53,18 +74,28 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         "sqrt": F1 = (Σ_r/ρ)^{1/2} U_rᵀ and F2 = (Σ_r/ρ)^{1/2} V_rᵀ, so F1ᵀF2 = W*.
         "orthonormal": F1 = U_rᵀ, F2 = V_rᵀ (the paper's choice on real data; the
         singular values then only select the subspace).
+    svd : {"exact", "randomized"}
+        LAPACK SVD of the explicit C, or :func:`unicon_dist.randomized.randomized_svd`
+        with ``oversampling``, ``n_power_iter`` and ``seed``.
 
     Returns
     -------
     F1 : (r, m_x), F2 : (r, m_y)
-        Same kind as ``C`` (float64).
+        ndarrays for ndarray input, float64 tensors otherwise.
     """
-    was_numpy = not isinstance(C, torch.Tensor)
-    Ct = torch.as_tensor(np.asarray(C) if was_numpy else C).to(torch.float64)
-    if Ct.ndim != 2:
-        raise ValueError(f"C must be 2-D, got shape {tuple(Ct.shape)}")
-    m = min(Ct.shape)
-    if not isinstance(rank, (int, np.integer)) or rank < 1 or rank > m:
+    from .randomized import randomized_svd
+
+    is_operator = hasattr(C, "matmul") and hasattr(C, "rmatmul") and not isinstance(C, torch.Tensor)
+    was_numpy = not is_operator and not isinstance(C, torch.Tensor)
+    if is_operator:
+        shape = tuple(C.shape)
+    else:
+        C = torch.as_tensor(np.asarray(C) if was_numpy else C).to(torch.float64)
+        if C.ndim != 2:
+            raise ValueError(f"C must be 2-D, got shape {tuple(C.shape)}")
+        shape = tuple(C.shape)
+    m = min(shape)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1 or rank > m:
         raise ValueError(f"rank must be an integer in [1, min(m_x, m_y) = {m}], got {rank!r}")
     if not rho > 0:
         raise ValueError(f"rho must be > 0, got {rho!r}")
@@ -72,17 +103,27 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     if factorization not in FACTORIZATIONS:
         raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}")
+    if svd not in ("exact", "randomized"):
+        raise ValueError(f"svd must be 'exact' or 'randomized', got {svd!r}")
+    if is_operator and svd != "randomized":
+        raise ValueError("a matrix-free C needs svd='randomized'")
     if ridge:
-        Ct = Ct.clone()
-        Ct.diagonal().add_(ridge)
-    U, s, Vh = truncated_svd(Ct, int(rank))
+        if is_operator:
+            C = _Shifted(C, ridge)
+        else:
+            C = C.clone()
+            C.diagonal().add_(ridge)
+    if svd == "exact":
+        U, s, Vh = truncated_svd(C, int(rank))
+    else:
+        U, s, Vh = randomized_svd(C, int(rank), oversampling, n_power_iter, seed)
     if factorization == "sqrt":
         root = torch.sqrt(s / rho)[:, None]
         F1, F2 = root * U.T, root * Vh
     else:
         F1, F2 = U.T.contiguous(), Vh.contiguous()
     if was_numpy:
-        return F1.numpy(), F2.numpy()
+        return F1.cpu().numpy(), F2.cpu().numpy()
     return F1, F2
 
 

@@ -348,23 +348,38 @@ class CrossProductOperator:
 
     # ------------------------------------------------------------- pass 2
     def cross(self, A, B) -> torch.Tensor:
-        """Aᵀ S B in float64 for A (n × a), B (n × b) (torch tensors on the device)."""
+        """Aᵀ S B in float64 for A (n × a), B (n × b).
+
+        Each tile G of −2n·S is multiplied by the narrower operand: by B_J into
+        row-block accumulators when b ≤ a, else by A_I (as Gᵀ A_I) into column-block
+        accumulators, so a product with a thin side (C·Ω, Cᵀ·Ω) costs O(n² min(a, b)).
+        """
         A = A.to(dtype=self.dtype, device=self.device)
         B = B.to(dtype=self.dtype, device=self.device)
         C = torch.zeros((A.shape[1], B.shape[1]), dtype=torch.float64, device=self.device)
+        by_rows = B.shape[1] <= A.shape[1]
         for b in self._batches:
             Ab = A if b.index is None else A.index_select(0, b.index)
             Bb = B if b.index is None else B.index_select(0, b.index)
-            plan = self._plan(Ab.shape[0], b.zx.shape[1] + max(A.shape[1], B.shape[1]), b.pos)
+            plan = self._plan(Ab.shape[0], b.zx.shape[1] + min(A.shape[1], B.shape[1]), b.pos)
             tile = self._tile_exp if self._exp else self._tile_general
             n = Ab.shape[0]
-            for i0 in range(0, n, plan.block_rows):
-                i1 = min(i0 + plan.block_rows, n)
-                R = torch.zeros((i1 - i0, Bb.shape[1]), dtype=self.dtype, device=self.device)
+            if by_rows:
+                for i0 in range(0, n, plan.block_rows):
+                    i1 = min(i0 + plan.block_rows, n)
+                    R = torch.zeros((i1 - i0, Bb.shape[1]), dtype=self.dtype, device=self.device)
+                    for j0 in range(0, n, plan.block_cols):
+                        j1 = min(j0 + plan.block_cols, n)
+                        R.addmm_(tile(b, i0, i1, j0, j1), Bb[j0:j1])
+                    C -= Ab[i0:i1].double().T @ R.double()
+            else:
                 for j0 in range(0, n, plan.block_cols):
                     j1 = min(j0 + plan.block_cols, n)
-                    R.addmm_(tile(b, i0, i1, j0, j1), Bb[j0:j1])
-                C -= Ab[i0:i1].double().T @ R.double()
+                    R = torch.zeros((j1 - j0, Ab.shape[1]), dtype=self.dtype, device=self.device)
+                    for i0 in range(0, n, plan.block_rows):
+                        i1 = min(i0 + plan.block_rows, n)
+                        R.addmm_(tile(b, i0, i1, j0, j1).T, Ab[i0:i1])
+                    C -= R.double().T @ Bb[j0:j1].double()
         return C / (2 * self.n)
 
     def _tile_exp(self, b: _Batch, i0, i1, j0, j1) -> torch.Tensor:
