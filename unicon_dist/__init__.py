@@ -6,18 +6,26 @@ The public interface is listed in DESIGN §5; everything here is importable as
 
 __version__ = "0.1.0"
 
-from . import losses
+from . import kernels, losses, nystrom
 from .closed_form import closed_form_step, tangent_projection, truncated_svd
 from .dense import contrastive_loss, similarity_weights
 from .losses import get_loss
 from .metrics import retrieval_metrics
+from .kernels import get_kernel
 from .model import UniCon
+from .nystrom import NystroemMap
 from .planning import TilePlan, plan_tiles
+from .randomized import randomized_svd
 from .streamed import CrossProductOperator, weighted_cross_product
 
 __all__ = [
     "__version__",
     "losses",
+    "kernels",
+    "nystrom",
+    "get_kernel",
+    "NystroemMap",
+    "randomized_svd",
     "get_loss",
     "contrastive_loss",
     "similarity_weights",

@@ -11,7 +11,9 @@ import torch
 
 from . import __version__
 from .closed_form import FACTORIZATIONS, closed_form_step
+from .kernels import Kernel, Linear, get_kernel, kernel_from_params
 from .losses import get_loss, loss_from_params
+from .nystrom import LANDMARK_METHODS, NystroemMap
 from .persistence import atomic_save_npz, load_npz
 from .streamed import CrossProductOperator, make_batches
 from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
@@ -20,9 +22,11 @@ __all__ = ["UniCon"]
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("linear",)
 SIMILARITIES = ("cosine", "dot")
-SVD_SOLVERS = ("auto", "exact")
+SVD_SOLVERS = ("auto", "exact", "randomized")
+# svd="auto" uses LAPACK on the explicit C up to this many features on the smaller side
+_EXACT_SVD_MAX = 1024
+_DEFAULT_LANDMARKS = 1000
 _FORMAT = "unicon_dist.model/1"
 
 
@@ -40,10 +44,19 @@ class UniCon:
     ----------
     rank : int
         Embedding dimension r (≤ min of the two feature dimensions).
-    kernel : {"linear"}
-        Feature map; "linear" uses the inputs as they are.
-    n_landmarks : None
-        Nyström landmarks (nonlinear kernels only).
+    kernel : str or Kernel
+        Kernel of both views: "linear" (the inputs are the features), "rbf",
+        "laplacian", "polynomial", "cosine", "angular", "arccos0", "arccos1", or a
+        :class:`unicon_dist.kernels.Kernel` object.
+    kernel_x, kernel_y : str or Kernel, optional
+        Per-view kernels overriding ``kernel``.
+    n_landmarks : int, optional
+        Nyström landmarks per view.  Default: none for the linear kernel (exact
+        features), min(n, 1000) for any other kernel.
+    landmarks : {"uniform", "kmeans++", "leverage"}
+        How landmarks are drawn (seeded by ``seed``).
+    eig_floor : float
+        Relative eigenvalue floor of K_LL in the Nyström map.
     loss : str or ContrastiveLoss
         "clip" (InfoNCE), "triplet", "sigmoid", or a loss object.
     temperature : float
@@ -66,8 +79,13 @@ class UniCon:
         Maximum number of closed-form steps.
     tol : float
         Stop when ‖W_k − W_{k−1}‖_F / ‖W_k‖_F < tol.
-    svd : {"auto", "exact"}
-        Solver of the rank-r step.
+    svd : {"auto", "exact", "randomized"}
+        Solver of the rank-r step.  "auto": LAPACK when the smaller feature side has at
+        most 1024 features, else the randomized SVD (Halko et al., 2011), run on the
+        explicit C when forming it is cheaper than the sketch's passes and
+        matrix-free through the streamed C·Ω, Cᵀ·Ω otherwise.
+    svd_oversampling, svd_power_iter : int
+        Oversampling p and subspace iterations q of the randomized SVD.
     seed : int
         Seed of the negatives batch split.
     device : str
@@ -97,7 +115,15 @@ class UniCon:
     best_iteration_ : int
         The iterate kept: the one with the lowest objective (the last one when the
         iteration converged to a fixed point that is also the best iterate seen).
+    n_inputs_x_, n_inputs_y_ : int
+        Input dimensions of the two views.
     n_features_x_, n_features_y_ : int
+        Feature dimensions m_x, m_y (inputs for the linear kernel, the Nyström map's
+        effective rank otherwise).
+    map_x_, map_y_ : NystroemMap or None
+        The feature maps (None for exact linear features).
+    svd_solver_ : str
+        "exact" or "randomized", as chosen for the rank-r step.
 
     References
     ----------
@@ -109,8 +135,12 @@ class UniCon:
         self,
         rank: int = 128,
         *,
-        kernel: str = "linear",
+        kernel="linear",
+        kernel_x=None,
+        kernel_y=None,
         n_landmarks=None,
+        landmarks: str = "uniform",
+        eig_floor: float = 1e-10,
         loss="clip",
         temperature: float = 0.07,
         nu: float = 1.0,
@@ -122,6 +152,8 @@ class UniCon:
         max_iter: int = 10,
         tol: float = 1e-4,
         svd: str = "auto",
+        svd_oversampling: int = 10,
+        svd_power_iter: int = 2,
         seed: int = 0,
         device: str = "cpu",
         dtype: str = "float32",
@@ -130,7 +162,11 @@ class UniCon:
     ):
         self.rank = rank
         self.kernel = kernel
+        self.kernel_x = kernel_x
+        self.kernel_y = kernel_y
         self.n_landmarks = n_landmarks
+        self.landmarks = landmarks
+        self.eig_floor = eig_floor
         self.loss = loss
         self.temperature = temperature
         self.nu = nu
@@ -142,6 +178,8 @@ class UniCon:
         self.max_iter = max_iter
         self.tol = tol
         self.svd = svd
+        self.svd_oversampling = svd_oversampling
+        self.svd_power_iter = svd_power_iter
         self.seed = seed
         self.device = device
         self.dtype = dtype
@@ -150,8 +188,9 @@ class UniCon:
 
     # ------------------------------------------------------------ parameters
     _PARAMS = (
-        "rank", "kernel", "n_landmarks", "loss", "temperature", "nu", "rho", "negatives", "similarity",
-        "factorization", "ridge", "max_iter", "tol", "svd", "seed", "device", "dtype", "memory_budget", "verbose",
+        "rank", "kernel", "kernel_x", "kernel_y", "n_landmarks", "landmarks", "eig_floor", "loss", "temperature",
+        "nu", "rho", "negatives", "similarity", "factorization", "ridge", "max_iter", "tol", "svd",
+        "svd_oversampling", "svd_power_iter", "seed", "device", "dtype", "memory_budget", "verbose",
     )
 
     def get_params(self, deep: bool = True) -> dict:
@@ -172,10 +211,20 @@ class UniCon:
     def _validate_params(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {self.kernel!r}; available kernels: {KERNELS}")
-        if self.n_landmarks is not None:
-            raise ValueError("n_landmarks applies to Nyström feature maps of nonlinear kernels; kernel='linear' takes none")
+        kernels = tuple(get_kernel(k if k is not None else self.kernel) for k in (self.kernel_x, self.kernel_y))
+        if self.n_landmarks is not None and (
+            isinstance(self.n_landmarks, bool) or not isinstance(self.n_landmarks, (int, np.integer))
+            or self.n_landmarks < 1
+        ):
+            raise ValueError(f"n_landmarks must be a positive integer or None, got {self.n_landmarks!r}")
+        if self.landmarks not in LANDMARK_METHODS:
+            raise ValueError(f"landmarks must be one of {LANDMARK_METHODS}, got {self.landmarks!r}")
+        if not (isinstance(self.eig_floor, (int, float)) and 0 <= self.eig_floor < 1):
+            raise ValueError(f"eig_floor must be in [0, 1), got {self.eig_floor!r}")
+        for name in ("svd_oversampling", "svd_power_iter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         loss_fn = get_loss(self.loss, temperature=self.temperature, nu=self.nu)
         if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
@@ -196,7 +245,7 @@ class UniCon:
         dtype = resolve_dtype(self.dtype)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype of the tile arithmetic must be float32 or float64, got {self.dtype!r}")
-        return loss_fn, device, dtype
+        return loss_fn, kernels, device, dtype
 
     # -------------------------------------------------------------- fitting
     def fit(self, X, Y, groups=None):
@@ -214,18 +263,21 @@ class UniCon:
         -------
         self
         """
-        loss_fn, device, dtype = self._validate_params()
-        X = check_matrix(X, "X", dtype=dtype, device=device)
-        Y = check_matrix(Y, "Y", dtype=dtype, device=device)
+        loss_fn, kernels, device, dtype = self._validate_params()
+        X = check_matrix(X, "X", device=device)
+        Y = check_matrix(Y, "Y", device=device)
         n = check_same_rows(X=X, Y=Y)
         if n < 2:
             raise ValueError(f"need at least 2 pairs to contrast, got {n}")
-        mx, my = X.shape[1], Y.shape[1]
+        self.map_x_, self.map_y_ = (self._fit_map(A, k, name) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y")))
+        phi_x, phi_y = self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype)
+        mx, my = phi_x.shape[1], phi_y.shape[1]
         if self.rank > min(mx, my):
             raise ValueError(f"rank={self.rank} exceeds min(m_x, m_y) = min({mx}, {my}) = {min(mx, my)} features")
-        phi_x, phi_y = X, Y  # the linear kernel's feature maps
+        self.svd_solver_, matrix_free = self._svd_plan(mx, my)
         self.loss_fn_ = loss_fn
         self.n_features_x_, self.n_features_y_ = mx, my
+        self.n_inputs_x_, self.n_inputs_y_ = X.shape[1], Y.shape[1]
         self.history_ = []
         self.converged_ = False
         W_prev = torch.zeros((mx, my), dtype=torch.float64, device=device)
@@ -235,8 +287,12 @@ class UniCon:
         self.initial_loss_ = op.loss
         for it in range(1, int(self.max_iter) + 1):
             t0 = time.perf_counter()
-            C = op.materialize()
-            F1, F2 = closed_form_step(C, int(self.rank), self.rho, self.ridge, self.factorization)
+            C = op if matrix_free else op.materialize()
+            F1, F2 = closed_form_step(
+                C, int(self.rank), self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
+                oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter), seed=self.seed,
+            )
+            F1, F2 = F1.to(device), F2.to(device)
             W = F1.T @ F2
             delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
             # the next step's statistics give L at W_k (pass 1 only when this is the last step)
@@ -270,6 +326,28 @@ class UniCon:
         self.W_ = W.cpu().numpy()
         return self
 
+    def _fit_map(self, A: torch.Tensor, kernel: Kernel, name: str) -> NystroemMap | None:
+        """The Nyström map of one view, or None when the inputs are the features."""
+        if self.n_landmarks is None and isinstance(kernel, Linear):
+            return None
+        m = int(self.n_landmarks) if self.n_landmarks is not None else min(A.shape[0], _DEFAULT_LANDMARKS)
+        if m > A.shape[0]:
+            raise ValueError(f"n_landmarks={m} exceeds the number of pairs n={A.shape[0]}")
+        return NystroemMap.fit(A, kernel, m, method=self.landmarks, seed=self.seed, eig_floor=self.eig_floor, name=name)
+
+    @staticmethod
+    def _features(A: torch.Tensor, fmap: NystroemMap | None, dtype) -> torch.Tensor:
+        return A.to(dtype) if fmap is None else fmap.transform(A, dtype=dtype)
+
+    def _svd_plan(self, mx: int, my: int) -> tuple[str, bool]:
+        """(solver, matrix_free) for the rank-r step."""
+        if self.svd == "exact" or (self.svd == "auto" and min(mx, my) <= _EXACT_SVD_MAX):
+            return "exact", False
+        # forming C costs one pass of width min(m_x, m_y); the sketch costs 2(q + 1) passes
+        # of width r + p (C·Ω and Cᵀ·Ω each multiply the tiles by a thin operand)
+        sketch_width = 2 * (int(self.svd_power_iter) + 1) * (int(self.rank) + int(self.svd_oversampling))
+        return "randomized", min(mx, my) > sketch_width
+
     def _operator(self, phi_x, phi_y, F1, F2, groups) -> CrossProductOperator:
         """S(γ) at the current encoders; F1 = None means s = 0 (the first step)."""
         n = phi_x.shape[0]
@@ -295,16 +373,17 @@ class UniCon:
 
     def _encode(self, A, which: str):
         self._check_fitted()
-        F, name, n_features = (
-            (self.F1_, "X", self.n_features_x_) if which == "x" else (self.F2_, "Y", self.n_features_y_)
+        F, name, n_inputs, fmap = (
+            (self.F1_, "X", self.n_inputs_x_, self.map_x_) if which == "x"
+            else (self.F2_, "Y", self.n_inputs_y_, self.map_y_)
         )
         was_tensor = isinstance(A, torch.Tensor)
         A = check_matrix(A, name)
-        if A.shape[1] != n_features:
-            raise ValueError(f"{name} has {A.shape[1]} features, the model was fitted on {n_features}")
+        if A.shape[1] != n_inputs:
+            raise ValueError(f"{name} has {A.shape[1]} features, the model was fitted on {n_inputs}")
         dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
         Ft = torch.as_tensor(F, device=A.device).to(dtype)
-        Z = A.to(dtype) @ Ft.T
+        Z = self._features(A, fmap, dtype) @ Ft.T
         if self.similarity == "cosine":
             Z = Z * _inverse_norms(Z)[:, None]
         return Z if was_tensor else Z.cpu().numpy()
@@ -333,12 +412,26 @@ class UniCon:
         self._check_fitted()
         params = self.get_params()
         params["loss"] = self.loss_fn_.params()
+        for key in ("kernel", "kernel_x", "kernel_y"):
+            if isinstance(params[key], Kernel):
+                params[key] = {"kernel": params[key].params()}
+        arrays = {"F1": self.F1_, "F2": self.F2_}
+        maps = {}
+        for side, fmap in (("x", self.map_x_), ("y", self.map_y_)):
+            if fmap is not None:
+                maps[side] = {"kernel": fmap.kernel.params(), "eig_floor": fmap.eig_floor}
+                arrays[f"landmarks_{side}"] = fmap.landmarks.cpu().numpy()
+                arrays[f"normalization_{side}"] = fmap.normalization.cpu().numpy()
         header = {
             "format": _FORMAT,
             "version": __version__,
             "params": params,
             "n_features_x": self.n_features_x_,
             "n_features_y": self.n_features_y_,
+            "n_inputs_x": self.n_inputs_x_,
+            "n_inputs_y": self.n_inputs_y_,
+            "maps": maps,
+            "svd_solver": self.svd_solver_,
             "history": self.history_,
             "n_iter": self.n_iter_,
             "converged": self.converged_,
@@ -346,7 +439,7 @@ class UniCon:
             "initial_loss": self.initial_loss_,
             "best_iteration": self.best_iteration_,
         }
-        return atomic_save_npz(path, header, {"F1": self.F1_, "F2": self.F2_})
+        return atomic_save_npz(path, header, arrays)
 
     @classmethod
     def load(cls, path) -> "UniCon":
@@ -356,13 +449,30 @@ class UniCon:
             raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (expected {_FORMAT!r})")
         params = dict(header["params"])
         loss_fn = loss_from_params(params.pop("loss"))
+        for key in ("kernel", "kernel_x", "kernel_y"):
+            if isinstance(params.get(key), dict):
+                params[key] = kernel_from_params(params[key]["kernel"])
         model = cls(**params, loss=loss_fn)
+        for side in ("x", "y"):
+            spec = header["maps"].get(side)
+            fmap = None
+            if spec is not None:
+                fmap = NystroemMap(
+                    kernel_from_params(spec["kernel"]),
+                    torch.as_tensor(arrays[f"landmarks_{side}"]),
+                    torch.as_tensor(arrays[f"normalization_{side}"]),
+                    float(spec["eig_floor"]),
+                )
+            setattr(model, f"map_{side}_", fmap)
+        model.svd_solver_ = header["svd_solver"]
         model.loss_fn_ = loss_fn
         model.F1_ = arrays["F1"]
         model.F2_ = arrays["F2"]
         model.W_ = model.F1_.T @ model.F2_
         model.n_features_x_ = int(header["n_features_x"])
         model.n_features_y_ = int(header["n_features_y"])
+        model.n_inputs_x_ = int(header["n_inputs_x"])
+        model.n_inputs_y_ = int(header["n_inputs_y"])
         model.history_ = header["history"]
         model.n_iter_ = int(header["n_iter"])
         model.converged_ = bool(header["converged"])

@@ -1,0 +1,83 @@
+"""Randomized truncated SVD (Halko, Martinsson & Tropp, SIAM Review 2011).
+
+Range finder with oversampling and q steps of subspace iteration (their Alg. 4.4:
+each product is re-orthonormalised by QR, since plain power iteration A(AᵀA)^q Ω
+loses the smaller singular directions to round-off), then the SVD of the small
+matrix B = QᵀA (Alg. 5.1).  Everything is float64.  The matrix is touched only
+through A·Ω and Aᵀ·Ω, so an explicit tensor and a matrix-free operator (the streamed
+C = Φ_Xᵀ S Φ_Y) run the same code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .closed_form import _fix_signs
+
+__all__ = ["randomized_svd", "MatrixOperator"]
+
+
+class MatrixOperator:
+    """Adapter giving an explicit matrix the operator interface (shape, matmul, rmatmul)."""
+
+    def __init__(self, A):
+        self.A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A).to(torch.float64)
+        self.shape = tuple(self.A.shape)
+
+    def matmul(self, omega):
+        return self.A @ omega.to(self.A)
+
+    def rmatmul(self, omega):
+        return self.A.T @ omega.to(self.A)
+
+
+def randomized_svd(A, rank: int, oversampling: int = 10, n_power_iter: int = 2, seed: int = 0):
+    """Top-``rank`` singular triplets of A by a randomized range finder.
+
+    Parameters
+    ----------
+    A : tensor, ndarray, or operator
+        An (m × n) matrix, or an object with ``shape``, ``matmul(Ω)`` (A Ω, Ω of
+        shape (n, k)) and ``rmatmul(Ω)`` (Aᵀ Ω, Ω of shape (m, k)).
+    rank : int
+        Number of triplets r.
+    oversampling : int
+        Extra columns p of the sketch (k = r + p, capped at min(m, n)).
+    n_power_iter : int
+        Subspace iterations q; each costs one A·Ω and one Aᵀ·Ω.
+    seed : int
+        Seed of the Gaussian test matrix.
+
+    Returns
+    -------
+    U : (m, r), s : (r,), Vh : (r, n)
+        float64 tensors, signs fixed so the largest-magnitude entry of each left
+        singular vector is positive.
+
+    Notes
+    -----
+    Cost: (q + 1) products with A and (q + 1) with Aᵀ, plus O((m + n)k²).
+    """
+    op = A if hasattr(A, "matmul") and hasattr(A, "rmatmul") and not isinstance(A, torch.Tensor) else MatrixOperator(A)
+    m, n = op.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, min(m, n) = {min(m, n)}], got {rank}")
+    if oversampling < 0 or n_power_iter < 0:
+        raise ValueError("oversampling and n_power_iter must be >= 0")
+    k = min(rank + oversampling, m, n)
+    gen = torch.Generator().manual_seed(int(seed))
+    omega = torch.randn((n, k), generator=gen, dtype=torch.float64)
+    Q = torch.linalg.qr(_f64(op.matmul(omega))).Q
+    for _ in range(n_power_iter):
+        Z = torch.linalg.qr(_f64(op.rmatmul(Q))).Q
+        Q = torch.linalg.qr(_f64(op.matmul(Z))).Q
+    B = _f64(op.rmatmul(Q)).T  # k × n = Qᵀ A
+    Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
+    U = Q.to(Ub.device) @ Ub
+    U, Vh = _fix_signs(U[:, :rank], Vh[:rank])
+    return U, s[:rank], Vh
+
+
+def _f64(t) -> torch.Tensor:
+    return torch.as_tensor(t).to(device="cpu", dtype=torch.float64)
