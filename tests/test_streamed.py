@@ -309,3 +309,17 @@ def test_general_path_agrees_with_exponential_path(nu):
                                              groups=groups, block_rows=37, block_cols=101, return_loss=True)
     assert rel_err(C_gen, C_exp) < 1e-9
     assert l_gen == pytest.approx(l_exp, rel=1e-10)
+
+
+def test_progress_reports_every_row_block():
+    """The passes report (stage, done, total) once per block of rows, ending at total."""
+    rng = np.random.default_rng(7)
+    n = 230
+    X, Y = rng.normal(size=(n, 6)), rng.normal(size=(n, 5))
+    calls = []
+    ud.weighted_cross_product(X, Y, X[:, :3], Y[:, :3], block_rows=50, block_cols=64,
+                              progress=lambda stage, done, total: calls.append((stage, done, total)))
+    stats = [c for c in calls if c[0] == "statistics"]
+    prods = [c for c in calls if c[0] == "product"]
+    assert [d for _, d, _ in stats] == [1, 2, 3, 4, 5] and {t for _, _, t in stats} == {5}
+    assert prods[-1][1] == prods[-1][2] and len(prods) == prods[-1][2]

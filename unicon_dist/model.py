@@ -15,6 +15,7 @@ from .kernels import Kernel, Linear, get_kernel, kernel_from_params
 from .losses import get_loss, loss_from_params
 from .nystrom import LANDMARK_METHODS, NystroemMap
 from .persistence import atomic_save_npz, load_npz
+from .progress import LogProgress
 from .streamed import CrossProductOperator, make_batches
 from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 
@@ -95,7 +96,8 @@ class UniCon:
     memory_budget : int, optional
         Bytes the similarity tiles may use (the planner picks tile sizes).
     verbose : bool
-        Log one line per iteration at INFO level.
+        Log one line per iteration, and the progress of long passes, at INFO level
+        (logger ``unicon_dist.model``).
 
     Attributes
     ----------
@@ -364,6 +366,7 @@ class UniCon:
         return CrossProductOperator(
             phi_x, phi_y, zx, zy, loss=self.loss_fn_, negatives=self.negatives, groups=groups,
             seed=self.seed, memory_budget=self.memory_budget,
+            progress=LogProgress(logger) if self.verbose else None,
         )
 
     # ------------------------------------------------------------- encoding

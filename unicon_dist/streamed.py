@@ -96,6 +96,9 @@ class CrossProductOperator:
     device, dtype
         Where and in which precision the tiles are computed (default: those of z_x;
         float32 unless the inputs are float64).  C is accumulated in float64.
+    progress : callable, optional
+        Called as ``progress(stage, done, total)`` after each block of rows (stage
+        "statistics" or "product"), e.g. :class:`unicon_dist.progress.LogProgress`.
 
     Attributes
     ----------
@@ -122,6 +125,7 @@ class CrossProductOperator:
         memory_budget: int | None = None,
         device=None,
         dtype=None,
+        progress=None,
         _force_general: bool = False,
     ):
         self.loss_fn: ContrastiveLoss = get_loss(loss, temperature=temperature, nu=nu)
@@ -143,6 +147,7 @@ class CrossProductOperator:
         labels = canonical_groups(groups, self.n)
         batches = make_batches(self.n, negatives, seed)
         self._block_rows, self._block_cols, self._budget = block_rows, block_cols, memory_budget
+        self._progress = progress
         self._batches = [self._make_batch(zx, zy, labels, b) for b in (batches or [None])]
         self.loss = float(sum(b.stats["loss_sum"] for b in self._batches) / (2 * self.n))
 
@@ -181,12 +186,17 @@ class CrossProductOperator:
             block_cols=self._block_cols,
         )
 
-    @staticmethod
-    def _tiles(n, plan):
-        for i0 in range(0, n, plan.block_rows):
+    def _tiles(self, n, plan):
+        blocks = -(-n // plan.block_rows)
+        for k, i0 in enumerate(range(0, n, plan.block_rows)):
             i1 = min(i0 + plan.block_rows, n)
             for j0 in range(0, n, plan.block_cols):
                 yield i0, i1, j0, min(j0 + plan.block_cols, n)
+            self._report("statistics", k + 1, blocks)
+
+    def _report(self, stage, done, total):
+        if self._progress is not None:
+            self._progress(stage, done, total)
 
     # --------------------------------------------------- pass 1: exponential ψ
     def _shift(self, b: _Batch) -> float | None:
@@ -365,21 +375,25 @@ class CrossProductOperator:
             tile = self._tile_exp if self._exp else self._tile_general
             n = Ab.shape[0]
             if by_rows:
-                for i0 in range(0, n, plan.block_rows):
+                blocks = -(-n // plan.block_rows)
+                for k, i0 in enumerate(range(0, n, plan.block_rows)):
                     i1 = min(i0 + plan.block_rows, n)
                     R = torch.zeros((i1 - i0, Bb.shape[1]), dtype=self.dtype, device=self.device)
                     for j0 in range(0, n, plan.block_cols):
                         j1 = min(j0 + plan.block_cols, n)
                         R.addmm_(tile(b, i0, i1, j0, j1), Bb[j0:j1])
                     C -= Ab[i0:i1].double().T @ R.double()
+                    self._report("product", k + 1, blocks)
             else:
-                for j0 in range(0, n, plan.block_cols):
+                blocks = -(-n // plan.block_cols)
+                for k, j0 in enumerate(range(0, n, plan.block_cols)):
                     j1 = min(j0 + plan.block_cols, n)
                     R = torch.zeros((j1 - j0, Ab.shape[1]), dtype=self.dtype, device=self.device)
                     for i0 in range(0, n, plan.block_rows):
                         i1 = min(i0 + plan.block_rows, n)
                         R.addmm_(tile(b, i0, i1, j0, j1).T, Ab[i0:i1])
                     C -= R.double().T @ Bb[j0:j1].double()
+                    self._report("product", k + 1, blocks)
         return C / (2 * self.n)
 
     def _tile_exp(self, b: _Batch, i0, i1, j0, j1) -> torch.Tensor:
@@ -486,6 +500,7 @@ def weighted_cross_product(
     return_loss: bool = False,
     device=None,
     dtype=None,
+    progress=None,
 ):
     """C = Φ_Xᵀ S(γ)(z_x z_yᵀ) Φ_Y, streamed in tiles; S(γ) is never formed.
 
@@ -503,6 +518,8 @@ def weighted_cross_product(
         Also return L(s), which pass 1 yields at no extra cost.
     device, dtype
         Where and in which precision the tiles are computed.
+    progress : callable, optional
+        ``progress(stage, done, total)`` after each block of rows.
 
     Returns
     -------
@@ -520,7 +537,7 @@ def weighted_cross_product(
     op = CrossProductOperator(
         phi_x, phi_y, z_x, z_y, loss=loss, temperature=temperature, nu=nu, negatives=negatives,
         groups=groups, seed=seed, block_rows=block_rows, block_cols=block_cols,
-        memory_budget=memory_budget, device=device, dtype=dtype,
+        memory_budget=memory_budget, device=device, dtype=dtype, progress=progress,
     )
     C = op.materialize()
     if not isinstance(phi_x, torch.Tensor):
