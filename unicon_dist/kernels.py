@@ -37,8 +37,32 @@ def _cosines(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return ((A @ B.T) * inv_a[:, None] * inv_b[None, :]).clamp_(-1.0, 1.0)
 
 
+def _unit_rows(A: torch.Tensor) -> torch.Tensor:
+    n = torch.linalg.norm(A, dim=1, keepdim=True)
+    return torch.where(n > 0, A / n.clamp_min(torch.finfo(A.dtype).tiny), torch.zeros_like(A))
+
+
+def _angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """θ_ij = 2 atan2(‖â_i − b̂_j‖, ‖â_i + b̂_j‖), the angle between rows.
+
+    arccos of the cosine loses half the digits near θ = 0 (k(a, a) would come out as
+    1 − 1e-8 and K slightly indefinite); the half-angle form is accurate everywhere.
+    The distances are taken without the ‖a‖² + ‖b‖² − 2aᵀb shortcut for the same reason.
+    A zero row is given the angle π/2 to everything.
+    """
+    ua, ub = _unit_rows(A), _unit_rows(B)
+    mode = "donot_use_mm_for_euclid_dist"
+    theta = 2.0 * torch.atan2(torch.cdist(ua, ub, compute_mode=mode), torch.cdist(ua, -ub, compute_mode=mode))
+    zero = (torch.linalg.norm(A, dim=1)[:, None] == 0) | (torch.linalg.norm(B, dim=1)[None, :] == 0)
+    return torch.where(zero, torch.full_like(theta, math.pi / 2), theta)
+
+
 def _median_distance(X: torch.Tensor, p: float, seed: int) -> float:
-    """Median of the pairwise distances of a seeded sample of rows (the median heuristic)."""
+    """Median of the nonzero pairwise distances of a seeded sample of rows.
+
+    The median heuristic (Schölkopf & Smola, 2002); zero distances between duplicated
+    rows are left out so that duplicates cannot drive the bandwidth to 0.
+    """
     n = X.shape[0]
     if n > _MEDIAN_SAMPLE:
         idx = np.random.default_rng(seed).choice(n, _MEDIAN_SAMPLE, replace=False)
@@ -50,7 +74,7 @@ def _median_distance(X: torch.Tensor, p: float, seed: int) -> float:
     vals = vals[vals > 0]
     if vals.numel() == 0:
         return 1.0
-    return float(vals.median())
+    return float(torch.quantile(vals, 0.5))
 
 
 @dataclass(frozen=True)
@@ -169,12 +193,11 @@ class ArcCosine(Kernel):
             raise ValueError(f"arc-cosine kernel order must be 0 or 1, got {self.order!r}")
 
     def __call__(self, A, B):
-        cos = _cosines(A, B)
-        theta = torch.arccos(cos)
+        theta = _angles(A, B)
         if self.order == 0:
             return 1.0 - theta / math.pi
         norms = torch.linalg.norm(A, dim=1)[:, None] * torch.linalg.norm(B, dim=1)[None, :]
-        return norms * (torch.sin(theta) + (math.pi - theta) * cos) / math.pi
+        return norms * (torch.sin(theta) + (math.pi - theta) * torch.cos(theta)) / math.pi
 
     def diag(self, A):
         if self.order == 0:
@@ -193,7 +216,7 @@ class Angular(Kernel):
     name = "angular"
 
     def __call__(self, A, B):
-        return 1.0 - torch.arccos(_cosines(A, B)) / math.pi
+        return 1.0 - _angles(A, B) / math.pi
 
     def diag(self, A):
         return torch.ones(A.shape[0], dtype=A.dtype, device=A.device)

@@ -148,6 +148,7 @@ class CrossProductOperator:
         batches = make_batches(self.n, negatives, seed)
         self._block_rows, self._block_cols, self._budget = block_rows, block_cols, memory_budget
         self._progress = progress
+        self._buffers: dict[str, torch.Tensor] = {}
         self._batches = [self._make_batch(zx, zy, labels, b) for b in (batches or [None])]
         self.loss = float(sum(b.stats["loss_sum"] for b in self._batches) / (2 * self.n))
 
@@ -194,6 +195,15 @@ class CrossProductOperator:
                 yield i0, i1, j0, min(j0 + plan.block_cols, n)
             self._report("statistics", k + 1, blocks)
 
+    def _buffer(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        """A reusable tile-sized scratch tensor: fresh multi-megabyte allocations per tile
+        cost page faults that showed up as ~20% of a pass (measured on CPU)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < rows * cols:
+            buf = torch.empty(rows * cols, dtype=self.dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[: rows * cols].view(rows, cols)
+
     def _report(self, stage, done, total):
         if self._progress is not None:
             self._progress(stage, done, total)
@@ -223,7 +233,7 @@ class CrossProductOperator:
             shift = torch.tensor(-U, dtype=self.dtype, device=self.device)
         for i0, i1, j0, j1 in self._tiles(n, plan):
             if U is not None:
-                e = torch.addmm(shift, b.zx[i0:i1], b.zy[j0:j1].T).exp_()
+                e = torch.addmm(shift, b.zx[i0:i1], b.zy[j0:j1].T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
                 if pos.tile_has_positives(i0, i1, j0, j1):
                     self._zero_positives(e, pos, i0, i1, j0, j1)
                 row_sum[i0:i1] += e.sum(1)
@@ -400,8 +410,9 @@ class CrossProductOperator:
         """A tile of −2n·S for ψ = exp."""
         st = b.stats
         if st["shift"] is not None:
-            e = torch.addmm(st["shift_t"], b.zx[i0:i1], b.zy[j0:j1].T).exp_()
-            g = torch.mul(e, st["alpha"][i0:i1, None]).addcmul_(e, st["beta"][None, j0:j1])
+            e = torch.addmm(st["shift_t"], b.zx[i0:i1], b.zy[j0:j1].T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
+            g = torch.mul(e, st["alpha"][i0:i1, None], out=self._buffer("g", i1 - i0, j1 - j0))
+            g.addcmul_(e, st["beta"][None, j0:j1])
         else:
             t = b.zx[i0:i1] @ b.zy[j0:j1].T
             g = torch.exp(t + st["la_row"][i0:i1, None])
