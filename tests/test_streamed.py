@@ -323,3 +323,38 @@ def test_progress_reports_every_row_block():
     prods = [c for c in calls if c[0] == "product"]
     assert [d for _, d, _ in stats] == [1, 2, 3, 4, 5] and {t for _, _, t in stats} == {5}
     assert prods[-1][1] == prods[-1][2] and len(prods) == prods[-1][2]
+
+
+# --------------------------------------------------------------------------------------
+# s ≡ 0 (the fixed point's first step) takes the rank-two shortcut
+# --------------------------------------------------------------------------------------
+ZERO_CASES = [
+    # (loss, n, groups kind, nu, negatives, zero side)
+    ("clip", 300, "none", 1.0, "full", "x"),
+    ("clip", 300, "shuffled", 1.5, "full", "y"),
+    ("clip", 257, "sorted", 1.0, 64, "both"),
+    ("triplet", 120, "none", 1.5, "full", "x"),
+    ("triplet", 120, "shuffled", 1.0, 50, "both"),
+    ("sigmoid", 120, "shuffled", 1.5, "full", "y"),
+    ("sigmoid", 120, "none", 1.0, 50, "x"),
+]
+
+
+@pytest.mark.parametrize("loss, n, gkind, nu, negatives, side", ZERO_CASES)
+def test_zero_similarities_equal_dense(loss, n, gkind, nu, negatives, side):
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=3 * n)
+    if side in ("x", "both"):
+        z_x = np.zeros_like(z_x)
+    if side in ("y", "both"):
+        z_y = np.zeros_like(z_y)
+    groups = make_groups(gkind, n, seed=n)
+    tau = TEMPS[loss]
+    stages = []
+    C, lval = ud.weighted_cross_product(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=tau, nu=nu, groups=groups, negatives=negatives,
+        block_rows=37, block_cols=53, return_loss=True, progress=lambda stage, done, total: stages.append(stage),
+    )
+    C_ref, l_ref = dense_reference(phi_x, phi_y, z_x, z_y, loss, tau, nu, groups, negatives=negatives)
+    assert rel_err(C, C_ref) < 1e-9
+    assert lval == pytest.approx(l_ref, rel=1e-10)
+    assert "statistics" not in stages  # no pass over the n² tiles was needed

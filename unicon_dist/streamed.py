@@ -227,11 +227,15 @@ class CrossProductOperator:
         f64 = dict(dtype=torch.float64, device=self.device)
         lneg_row = torch.full((n,), _NEG_INF, **f64)  # log Σ_{j∉P(i)} e^{t_ij}
         lneg_col = torch.full((n,), _NEG_INF, **f64)
-        direct = self._direct_exp(b)
+        constant = _is_zero(b.zx) or _is_zero(b.zy)
+        direct = constant or self._direct_exp(b)
         if direct:
             row_sum = torch.zeros((n,), **f64)  # Σ_{j∉P(i)} e^{t_ij}
             col_sum = torch.zeros((n,), **f64)
-        for i0, i1, j0, j1 in self._tiles(n, plan):
+        if constant:  # s ≡ 0: every negative contributes e^0 = 1
+            row_sum += n - pos.size.double()
+            col_sum += n - pos.size.double()
+        for i0, i1, j0, j1 in (() if constant else self._tiles(n, plan)):
             if direct:
                 e = torch.mm(b.zx[i0:i1], b.zy[j0:j1].T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
                 if pos.tile_has_positives(i0, i1, j0, j1):
@@ -279,6 +283,8 @@ class CrossProductOperator:
             # −2n·S_ij = e^{t_ij}(a_i + ã_j) for negatives (see _direct_exp for the range)
             stats["alpha"] = torch.exp(la_row).to(self.dtype)
             stats["beta"] = torch.exp(la_col).to(self.dtype)
+        if constant:
+            stats["constant"] = (torch.exp(la_row), torch.exp(la_col))
         return stats
 
     @staticmethod
@@ -340,7 +346,15 @@ class CrossProductOperator:
         acc = dict(dtype=torch.float64, device=self.device)
         a_row, d_row = torch.zeros((n, p), **acc), torch.zeros((n, p), **acc)
         a_col, d_col = torch.zeros((n, p), **acc), torch.zeros((n, p), **acc)
-        for i0, i1, j0, j1 in self._tiles(n, plan):
+        constant = _is_zero(b.zx) or _is_zero(b.zy)
+        if constant:  # s ≡ 0: each anchor has n − |P(i)| negatives, all with x = 0
+            zero = torch.zeros((), **acc)
+            negs = (n - pos.size.double())[:, None].expand(n, p)
+            a_row += negs * lf.psi(zero)
+            d_row += negs * lf.dpsi(zero)
+            a_col += negs * lf.psi(zero)
+            d_col += negs * lf.dpsi(zero)
+        for i0, i1, j0, j1 in (() if constant else self._tiles(n, plan)):
             s = b.zx[i0:i1] @ b.zy[j0:j1].T
             neg = ~pos.mask(i0, i1, j0, j1) if pos.tile_has_positives(i0, i1, j0, j1) else None
             for q in range(int(pos.size[i0:i1].max())):
@@ -358,6 +372,8 @@ class CrossProductOperator:
             a = eps * (a + lf.psi(own))
             d = eps * d
             c = lf.dphi(a) * inv_size * valid
+            if constant:  # a negative's weight at s ≡ 0 is Σ_q c_q ψ'(0) (see _cross_constant)
+                out.setdefault("constant", []).append(eps * c.sum(1) * lf.dpsi(torch.zeros((), **acc)))
             out["loss_sum"] += float((lf.phi(a) * inv_size * valid).sum())
             out[f"c_{side}"] = (eps * c).to(self.dtype)  # weight of ψ' for the negatives
             out[f"pos_{side}"] = (c * (-nu * d + (1.0 - nu) * eps * lf.dpsi(own))).to(self.dtype)
@@ -382,7 +398,9 @@ class CrossProductOperator:
             plan = self._plan(Ab.shape[0], b.zx.shape[1] + min(A.shape[1], B.shape[1]), b.pos)
             tile = self._tile_exp if self._exp else self._tile_general
             n = Ab.shape[0]
-            if by_rows:
+            if "constant" in b.stats:
+                C -= self._cross_constant(b, Ab, Bb, plan, tile)
+            elif by_rows:
                 blocks = -(-n // plan.block_rows)
                 for k, i0 in enumerate(range(0, n, plan.block_rows)):
                     i1 = min(i0 + plan.block_rows, n)
@@ -403,6 +421,22 @@ class CrossProductOperator:
                     C -= R.double().T @ Bb[j0:j1].double()
                     self._report("product", k + 1, blocks)
         return C / (2 * self.n)
+
+    def _cross_constant(self, b: _Batch, A, B, plan, tile) -> torch.Tensor:
+        """Aᵀ(−2n·S)B in float64 when s ≡ 0 (the first step of the fixed point).
+
+        Every negative then has the weight α_i + β_j, so off the positives −2n·S is the
+        rank-two matrix α1ᵀ + 1βᵀ; the positives, a block diagonal in group order, are
+        corrected tile by tile.  O(n(a + b) + Σ|P(i)|·block) instead of O(n²).
+        """
+        alpha, beta = b.stats["constant"]
+        A64, B64 = A.double(), B.double()
+        out = torch.outer(A64.T @ alpha, B64.sum(0)) + torch.outer(A64.sum(0), B64.T @ beta)
+        for i0, i1, j0, j1, m, _ in self._positive_tiles(b, plan):
+            corr = tile(b, i0, i1, j0, j1).double() - alpha[i0:i1, None] - beta[None, j0:j1]
+            out += A64[i0:i1].T @ (corr.masked_fill_(~m, 0.0) @ B64[j0:j1])
+        self._report("product", 1, 1)
+        return out
 
     def _tile_exp(self, b: _Batch, i0, i1, j0, j1) -> torch.Tensor:
         """A tile of −2n·S for ψ = exp."""
@@ -483,6 +517,10 @@ def _logsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
     m = t.amax(dim, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     return (torch.exp(t - m).sum(dim, keepdim=True).log() + m).squeeze(dim)
+
+
+def _is_zero(t: torch.Tensor) -> bool:
+    return not bool(t.any())
 
 
 def _masked_sum(v: torch.Tensor, keep: torch.Tensor | None, dim: int) -> torch.Tensor:
