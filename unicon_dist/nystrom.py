@@ -26,8 +26,9 @@ LANDMARK_METHODS = ("uniform", "kmeans++", "leverage")
 
 
 def _kernel_blocks(kernel: Kernel, X: torch.Tensor, L: torch.Tensor, block: int):
+    """K(X_block, L) row block by row block, each block cast to L's dtype (float64)."""
     for i0 in range(0, X.shape[0], block):
-        yield i0, kernel(X[i0 : i0 + block], L)
+        yield i0, kernel(X[i0 : i0 + block].to(L.dtype), L)
 
 
 def _kmeanspp(kernel: Kernel, X: torch.Tensor, m: int, rng: np.random.Generator, block: int) -> np.ndarray:
@@ -42,7 +43,7 @@ def _kmeanspp(kernel: Kernel, X: torch.Tensor, m: int, rng: np.random.Generator,
     d2 = torch.full((n,), np.inf, dtype=torch.float64, device=X.device)
     for _ in range(1, m):
         last = X[chosen[-1] : chosen[-1] + 1]
-        k_last = torch.cat([blk.flatten() for _, blk in _kernel_blocks(kernel, X.double(), last.double(), block)])
+        k_last = torch.cat([blk.flatten() for _, blk in _kernel_blocks(kernel, X, last.double(), block)])
         d2 = torch.minimum(d2, (diag + diag[chosen[-1]] - 2.0 * k_last).clamp_min(0.0))
         p = d2.cpu().numpy()
         p[chosen] = 0.0
@@ -68,7 +69,7 @@ def _ridge_leverage(kernel: Kernel, X: torch.Tensor, m: int, rng: np.random.Gene
     sketch = rng.choice(n, s, replace=False)
     S = X[torch.as_tensor(sketch, device=X.device)].double()
     inner = NystroemMap._fit_map(kernel, S, 1e-10)
-    feats = torch.cat([blk @ inner for _, blk in _kernel_blocks(kernel, X.double(), S, block)])
+    feats = torch.cat([blk @ inner for _, blk in _kernel_blocks(kernel, X, S, block)])
     resid = (kernel.diag(X).double() - (feats * feats).sum(1)).clamp_min(0.0)
     evals, evecs = torch.linalg.eigh(feats.T @ feats)
     proj2 = (feats @ evecs) ** 2
@@ -180,6 +181,6 @@ class NystroemMap:
         L = self.landmarks.to(X.device)
         norm = self.normalization.to(X.device)
         out = torch.empty((X.shape[0], norm.shape[1]), dtype=dtype or torch.float64, device=X.device)
-        for i0, blk in _kernel_blocks(self.kernel, X.double(), L, block):
+        for i0, blk in _kernel_blocks(self.kernel, X, L, block):
             out[i0 : i0 + blk.shape[0]] = (blk @ norm).to(out.dtype)
         return out

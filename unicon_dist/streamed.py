@@ -430,11 +430,12 @@ class CrossProductOperator:
         corrected tile by tile.  O(n(a + b) + Σ|P(i)|·block) instead of O(n²).
         """
         alpha, beta = b.stats["constant"]
-        A64, B64 = A.double(), B.double()
-        out = torch.outer(A64.T @ alpha, B64.sum(0)) + torch.outer(A64.sum(0), B64.T @ beta)
+        a_alpha, a_one = _weighted_column_sums(A, alpha, plan.block_rows)
+        b_beta, b_one = _weighted_column_sums(B, beta, plan.block_rows)
+        out = torch.outer(a_alpha, b_one) + torch.outer(a_one, b_beta)
         for i0, i1, j0, j1, m, _ in self._positive_tiles(b, plan):
             corr = tile(b, i0, i1, j0, j1).double() - alpha[i0:i1, None] - beta[None, j0:j1]
-            out += A64[i0:i1].T @ (corr.masked_fill_(~m, 0.0) @ B64[j0:j1])
+            out += A[i0:i1].double().T @ (corr.masked_fill_(~m, 0.0) @ B[j0:j1].double())
         self._report("product", 1, 1)
         return out
 
@@ -517,6 +518,17 @@ def _logsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
     m = t.amax(dim, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     return (torch.exp(t - m).sum(dim, keepdim=True).log() + m).squeeze(dim)
+
+
+def _weighted_column_sums(A: torch.Tensor, w: torch.Tensor, block: int):
+    """(Aᵀw, Aᵀ1) in float64, one row block at a time (no float64 copy of A)."""
+    aw = torch.zeros(A.shape[1], dtype=torch.float64, device=A.device)
+    a1 = torch.zeros_like(aw)
+    for i0 in range(0, A.shape[0], block):
+        blk = A[i0 : i0 + block].double()
+        aw += blk.T @ w[i0 : i0 + block]
+        a1 += blk.sum(0)
+    return aw, a1
 
 
 def _is_zero(t: torch.Tensor) -> bool:
