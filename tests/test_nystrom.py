@@ -274,7 +274,7 @@ def test_model_randomized_svd_solver():
 
 
 def test_model_randomized_matrix_free():
-    # 120 features > 2(q + 1)(r + p) = 60: the model runs the sketch through the streamed C·Ω
+    # r + m = 122 > 2(q + 1)(r + k) = 80: the model runs the sketch through the streamed C·Ω
     X, Y = _two_view(150, 3)
     common = dict(rank=2, kernel="rbf", n_landmarks=120, max_iter=2, dtype="float64", factorization="sqrt",
                   similarity="dot")

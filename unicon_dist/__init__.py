@@ -16,6 +16,7 @@ from .model import UniCon
 from .nystrom import NystroemMap
 from .planning import TilePlan, plan_tiles
 from .randomized import randomized_svd
+from .store import PairStore
 from .streamed import CrossProductOperator, weighted_cross_product
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "retrieval_metrics",
     "plan_tiles",
     "TilePlan",
+    "PairStore",
 ]

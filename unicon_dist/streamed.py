@@ -408,7 +408,7 @@ class CrossProductOperator:
                     for j0 in range(0, n, plan.block_cols):
                         j1 = min(j0 + plan.block_cols, n)
                         R.addmm_(tile(b, i0, i1, j0, j1), Bb[j0:j1])
-                    C -= Ab[i0:i1].double().T @ R.double()
+                    C -= (Ab[i0:i1].T @ R).double()  # block product in tile precision, sum in float64
                     self._report("product", k + 1, blocks)
             else:
                 blocks = -(-n // plan.block_cols)
@@ -418,7 +418,7 @@ class CrossProductOperator:
                     for i0 in range(0, n, plan.block_rows):
                         i1 = min(i0 + plan.block_rows, n)
                         R.addmm_(tile(b, i0, i1, j0, j1).T, Ab[i0:i1])
-                    C -= R.double().T @ Bb[j0:j1].double()
+                    C -= (R.T @ Bb[j0:j1]).double()
                     self._report("product", k + 1, blocks)
         return C / (2 * self.n)
 
@@ -435,7 +435,11 @@ class CrossProductOperator:
         out = torch.outer(a_alpha, b_one) + torch.outer(a_one, b_beta)
         for i0, i1, j0, j1, m, _ in self._positive_tiles(b, plan):
             corr = tile(b, i0, i1, j0, j1).double() - alpha[i0:i1, None] - beta[None, j0:j1]
-            out += A[i0:i1].double().T @ (corr.masked_fill_(~m, 0.0) @ B[j0:j1].double())
+            corr = corr.masked_fill_(~m, 0.0).to(self.dtype)
+            if b.pos.one_to_one:  # a diagonal tile: scale rows instead of multiplying by it
+                out += ((A[i0:i1] * corr.diagonal()[:, None]).T @ B[j0:j1]).double()
+            else:
+                out += (A[i0:i1].T @ (corr @ B[j0:j1])).double()
         self._report("product", 1, 1)
         return out
 
@@ -527,7 +531,7 @@ def _weighted_column_sums(A: torch.Tensor, w: torch.Tensor, block: int):
     for i0 in range(0, A.shape[0], block):
         blk = A[i0 : i0 + block].double()
         aw += blk.T @ w[i0 : i0 + block]
-        a1 += blk.sum(0)
+        a1 += blk.sum(0)  # float64: a plain float32 column sum over millions of rows loses digits
     return aw, a1
 
 

@@ -52,8 +52,12 @@ def as_tensor(x, *, name: str, dtype: torch.dtype | None = None, device=None) ->
 
 def check_finite(t: torch.Tensor, name: str, row_offset: int = 0) -> None:
     """Raise ValueError naming the first rows that hold NaN or Inf."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # the sum is finite when every entry is (no n × d boolean temporary); a non-finite
+    # sum can also be an overflow of finite values, so only then check entry by entry
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())):
         bad = ~torch.isfinite(t)
+        if not bool(bad.any()):
+            return
         rows = torch.nonzero(bad.reshape(bad.shape[0], -1).any(1)).flatten()
         shown = ", ".join(str(int(r) + row_offset) for r in rows[:10])
         more = f" (and {rows.numel() - 10} more)" if rows.numel() > 10 else ""
