@@ -35,6 +35,16 @@ def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def reset_peak() -> None:
+    """Start VmHWM afresh from the current RSS (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``),
+    so that a peak read afterwards belongs to the measured call, not to data generation."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def rss_mib() -> float:
     import psutil
 

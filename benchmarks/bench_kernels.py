@@ -147,6 +147,7 @@ def worker_pipeline(p):
     held_x, held_y = two_views(2000, seed=p["seed"] + 1)
     bw = p["bandwidths"]
     rss0 = H.rss_mib()
+    H.reset_peak()
     stages = {}
     if p["method"] == "unicon_dist":
         import unicon_dist as ud
@@ -227,6 +228,7 @@ def worker_streamed(p):
     zx = torch.nn.functional.normalize(phi_x[:, :64] + 0.3 * torch.randn(n, 64, generator=g), dim=1)
     zy = torch.nn.functional.normalize(phi_y[:, :64] + 0.3 * torch.randn(n, 64, generator=g), dim=1)
     rss0 = H.rss_mib()
+    H.reset_peak()
     with H.Timer() as t:
         op = ud.CrossProductOperator(phi_x, phi_y, zx, zy, temperature=0.07)
         U, s, _ = ud.randomized_svd(op, r, oversampling=p["p"], n_power_iter=p["q"], seed=0)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .kernels import Kernel, get_kernel
+from .planning import plan_feature_rows
 
 __all__ = ["NystroemMap", "select_landmarks", "LANDMARK_METHODS"]
 
@@ -175,12 +176,22 @@ class NystroemMap:
             )
         return cls(kernel, L, norm, eig_floor)
 
-    def transform(self, X, block: int = 4096, dtype=None) -> torch.Tensor:
-        """Φ(X) = K(X, L) U_k Λ_k^{-1/2}, computed in row blocks; float64 unless ``dtype``."""
+    def transform(self, X, block: int | None = None, dtype=None) -> torch.Tensor:
+        """Φ(X) = K(X, L) U_k Λ_k^{-1/2}, computed in row blocks; float64 unless ``dtype``.
+
+        ``block`` rows at a time (default: :func:`unicon_dist.planning.plan_feature_rows`).
+        The product is formed in float64 whatever ``dtype`` is: rounding in K(X, L)·U is
+        amplified by 1/√λ in directions with small eigenvalues of K_LL.
+        """
+        block = block or plan_feature_rows(self.landmarks.shape[0])
         X = torch.as_tensor(X)
         L = self.landmarks.to(X.device)
         norm = self.normalization.to(X.device)
         out = torch.empty((X.shape[0], norm.shape[1]), dtype=dtype or torch.float64, device=X.device)
+        # one reused float64 product buffer: a fresh multi-megabyte tensor per block costs
+        # page faults comparable to the GEMM itself (measured on CPU)
+        buf = torch.empty((min(block, X.shape[0]), norm.shape[1]), dtype=norm.dtype, device=X.device)
         for i0, blk in _kernel_blocks(self.kernel, X, L, block):
-            out[i0 : i0 + blk.shape[0]] = (blk @ norm).to(out.dtype)
+            prod = torch.matmul(blk, norm, out=buf[: blk.shape[0]])
+            out[i0 : i0 + blk.shape[0]].copy_(prod)
         return out
