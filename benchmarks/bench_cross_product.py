@@ -352,7 +352,7 @@ def driver(args) -> None:
         "(data generation excluded, after a warm-up call at n = 256), one fresh process per row.",
         "GFLOP/s: streamed F = 2n²(2r+m) + 2n·m_x·m_y (two passes), dense F = 2n²(r+m) + 2n·m_x·m_y; "
         "elementwise work not counted.",
-        "Peak RSS = ru_maxrss of the worker (includes the inputs); increment = peak − RSS just before the timed call.",
+        "Peak RSS = VmHWM of the worker process (includes the inputs); increment = peak − RSS just before the timed call.",
         "rel. diff = max|C_streamed − C_dense| / max|C_dense| (dense in float32).",
         "",
         markdown_table(rows, gemm),

@@ -254,6 +254,8 @@ def part_svd(args):
     rows = []
     x, y = two_views(20000, seed=0)
     bw = _bandwidths(x, y)
+    c_path = HERE / "results" / "_nystrom_C.npy"
+    c_path.unlink(missing_ok=True)  # never reuse a C left by an earlier run
     pipe = H.spawn(Path(__file__), "pipeline", {"method": "unicon_dist", "n": 20000, "m": LANDMARKS, "r": RANK,
                                                   "p": OVERSAMPLING, "q": POWER_ITER, "seed": 0, "bandwidths": bw,
                                                   "save_c": True})
@@ -261,7 +263,6 @@ def part_svd(args):
         "3000×1500, σ_k = k^-1/2": slow_decay_matrix(3000, 1500, 0.5),
         "3000×1500, σ_k = k^-1": slow_decay_matrix(3000, 1500, 1.0),
     }
-    c_path = HERE / "results" / "_nystrom_C.npy"
     if c_path.exists():
         matrices["Nyström cross-cov. C (n = 20k, m = 1000)"] = np.load(c_path)
     for name, A in matrices.items():
