@@ -358,3 +358,90 @@ def test_zero_similarities_equal_dense(loss, n, gkind, nu, negatives, side):
     assert rel_err(C, C_ref) < 1e-9
     assert lval == pytest.approx(l_ref, rel=1e-10)
     assert "statistics" not in stages  # no pass over the n² tiles was needed
+
+
+# --------------------------------------------------------------------------------------
+# panels: rows visited in panels (what out-of-core and distributed passes use)
+# --------------------------------------------------------------------------------------
+PANEL_CASES = [
+    # (loss, n, groups kind, negatives, panel_rows, block_rows, block_cols, scale)
+    ("clip", 500, "none", "full", 120, 37, 50, 1.0),
+    ("clip", 500, "none", "full", 120, 37, 50, 9.0),  # |s/τ| up to 90: the log-space path
+    ("clip", 500, "shuffled", "full", 97, 37, 50, 1.0),
+    ("clip", 500, "shuffled", 64, 150, 17, 29, 1.0),  # several batches per load
+    ("clip", 500, "none", 200, 70, 17, 29, 1.0),  # batches larger than a panel
+    ("triplet", 160, "shuffled", "full", 45, 13, 21, 1.0),
+    ("sigmoid", 160, "none", 70, 30, 13, 21, 1.0),
+]
+
+
+@pytest.mark.parametrize("loss, n, gkind, negatives, panel_rows, br, bc, scale", PANEL_CASES)
+def test_panels_equal_dense(loss, n, gkind, negatives, panel_rows, br, bc, scale):
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=n + 3, scale=scale)
+    groups = make_groups(gkind, n, seed=n)
+    tau = TEMPS[loss]
+    op = ud.CrossProductOperator(
+        phi_x, phi_y, z_x, z_y, loss=loss, temperature=tau, negatives=negatives, groups=groups,
+        block_rows=br, block_cols=bc, panel_rows=panel_rows,
+    )
+    C_ref, l_ref = dense_reference(phi_x, phi_y, z_x, z_y, loss, tau, 1.0, groups, negatives=negatives)
+    assert rel_err(op.materialize().numpy(), C_ref) < 1e-9
+    assert op.loss == pytest.approx(l_ref, rel=1e-10)
+    omega = np.random.default_rng(0).standard_normal((5, 3))
+    assert rel_err(op.matmul(omega).numpy(), C_ref @ omega) < 1e-9
+    omega = np.random.default_rng(1).standard_normal((7, 2))
+    assert rel_err(op.rmatmul(omega).numpy(), C_ref.T @ omega) < 1e-9
+    assert len({p for b in op._batches for p in b.panels}) > 1
+
+
+def test_panels_never_split_a_group_and_cover_all_positions():
+    from unicon_dist.streamed import _cut_panels
+
+    labels = np.repeat(np.arange(6), [3, 1, 9, 2, 2, 5])
+    panels = _cut_panels(labels, labels.size, 4)
+    assert panels[0][0] == 0 and panels[-1][1] == labels.size
+    assert all(a[1] == b[0] for a, b in zip(panels[:-1], panels[1:]))
+    for p0, p1 in panels:
+        assert p0 == 0 or labels[p0] != labels[p0 - 1]  # a group starts at every cut
+    assert (2, 4) not in panels and (4, 13) in panels  # the group of 9 gets its own panel
+    assert _cut_panels(None, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_from_loader_reads_panels_on_demand_and_equals_in_memory():
+    n = 400
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=11)
+    groups = make_groups("shuffled", n, seed=5)
+    tensors = [torch.as_tensor(a, dtype=torch.float32) for a in (phi_x, phi_y, z_x, z_y)]
+    requested = []
+
+    def loader(rows):
+        requested.append(rows)
+        idx = torch.arange(n)[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
+        return tuple(t[idx] for t in tensors)
+
+    kw = dict(loss="clip", temperature=0.1, groups=groups, block_rows=32, block_cols=64)
+    ref = ud.CrossProductOperator(*tensors, **kw)
+    op = ud.CrossProductOperator.from_loader(loader, n, (7, 5), 6, panel_rows=90, norm_bound=(1.0, 1.0), **kw)
+    assert max(np.arange(n)[r].size if isinstance(r, slice) else len(r) for r in requested) <= 90
+    assert op.loss == pytest.approx(ref.loss, rel=1e-6)
+    assert rel_err(op.materialize().numpy(), ref.materialize().numpy()) < 1e-5
+    panels = len(op._batches[0].panels)
+    loads = op.n_loads
+    op.materialize()
+    # each row panel is loaded and every other panel streamed past it; the last row panel is
+    # still cached from the previous row's sweep
+    assert panels == 5 and op.n_loads - loads == panels * panels - 1
+
+
+def test_from_loader_constant_first_step_needs_one_sweep():
+    n = 300
+    phi_x, phi_y, _, _ = make_problem(n, seed=2)
+    zeros = np.zeros((n, 1))
+    tensors = [torch.as_tensor(a) for a in (phi_x, phi_y, zeros, zeros)]
+    loader = lambda rows: tuple(t[rows] for t in tensors)  # noqa: E731
+    op = ud.CrossProductOperator.from_loader(loader, n, (7, 5), 1, constant=True, panel_rows=64,
+                                             dtype=torch.float64, temperature=0.1)
+    assert op.n_loads == 5  # the positives' statistics: one read of each panel
+    C_ref, l_ref = dense_reference(phi_x, phi_y, zeros, zeros, "clip", 0.1)
+    assert rel_err(op.materialize().numpy(), C_ref) < 1e-12
+    assert op.loss == pytest.approx(l_ref, rel=1e-12)

@@ -9,12 +9,13 @@ __version__ = "0.1.0"
 from . import kernels, losses, nystrom
 from .closed_form import closed_form_step, tangent_projection, truncated_svd
 from .dense import contrastive_loss, similarity_weights
+from .executors import LocalExecutor
 from .losses import get_loss
 from .metrics import retrieval_metrics
 from .kernels import get_kernel
 from .model import UniCon
 from .nystrom import NystroemMap
-from .planning import TilePlan, plan_tiles
+from .planning import PanelPlan, TilePlan, plan_panels, plan_tiles
 from .randomized import randomized_svd
 from .store import PairStore
 from .streamed import CrossProductOperator, weighted_cross_product
@@ -40,4 +41,7 @@ __all__ = [
     "plan_tiles",
     "TilePlan",
     "PairStore",
+    "LocalExecutor",
+    "plan_panels",
+    "PanelPlan",
 ]

@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "Kernel", "Linear", "RBF", "Laplacian", "Polynomial", "Cosine", "Angular", "ArcCosine",
-    "KERNELS", "get_kernel", "kernel_from_params",
+    "KERNELS", "get_kernel", "kernel_from_params", "median_sample",
 ]
 
 _MEDIAN_SAMPLE = 1000
@@ -57,15 +57,25 @@ def _angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, torch.full_like(theta, math.pi / 2), theta)
 
 
+def median_sample(n: int, seed: int) -> np.ndarray | None:
+    """Rows (seeded) from which the median heuristic is computed; None means all ``n`` rows.
+
+    Exposed so that a caller holding rows out of core can read just these rows and pass
+    them to :meth:`Kernel.resolve`, which then gives the same bandwidth as on all rows.
+    """
+    if n <= _MEDIAN_SAMPLE:
+        return None
+    return np.random.default_rng(seed).choice(n, _MEDIAN_SAMPLE, replace=False)
+
+
 def _median_distance(X: torch.Tensor, p: float, seed: int) -> float:
     """Median of the nonzero pairwise distances of a seeded sample of rows.
 
     The median heuristic (Schölkopf & Smola, 2002); zero distances between duplicated
     rows are left out so that duplicates cannot drive the bandwidth to 0.
     """
-    n = X.shape[0]
-    if n > _MEDIAN_SAMPLE:
-        idx = np.random.default_rng(seed).choice(n, _MEDIAN_SAMPLE, replace=False)
+    idx = median_sample(X.shape[0], seed)
+    if idx is not None:
         X = X[torch.as_tensor(idx, device=X.device)]
     X = X.double()
     d = torch.cdist(X, X, p=p)

@@ -11,9 +11,9 @@ import torch
 
 from . import __version__
 from .closed_form import FACTORIZATIONS, closed_form_step
-from .kernels import Kernel, Linear, get_kernel, kernel_from_params
+from .kernels import Kernel, Linear, get_kernel, kernel_from_params, median_sample
 from .losses import get_loss, loss_from_params
-from .nystrom import LANDMARK_METHODS, NystroemMap
+from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
 from .persistence import atomic_save_npz, load_npz
 from .progress import LogProgress
 from .streamed import CrossProductOperator, make_batches
@@ -250,22 +250,44 @@ class UniCon:
         return loss_fn, kernels, device, dtype
 
     # -------------------------------------------------------------- fitting
-    def fit(self, X, Y, groups=None):
-        """Fit the encoders on paired views.
+    def fit(self, X, Y=None, groups=None, *, executor=None):
+        """Fit the encoders on paired views, in memory or streamed from a pair store.
 
         Parameters
         ----------
-        X : array_like, shape (n, d_x)
+        X : array_like of shape (n, d_x), or PairStore, str or Path
+            The first view; or a :class:`unicon_dist.PairStore` (or its path) holding
+            both views, whose rows are then streamed through the passes in panels that
+            fit ``memory_budget`` (see :class:`unicon_dist.LocalExecutor`).
         Y : array_like, shape (n, d_y)
-            Row i of X and row i of Y are a pair.
+            The second view; row i of X and row i of Y are a pair.  Omitted for a store.
         groups : array_like of int, shape (n,), optional
             Many-to-many positives: x_i and y_j are positives iff groups[i] == groups[j].
+            For a store, its own groups are used when it has them; pass ``groups=False``
+            to ignore them.
+        executor : LocalExecutor, optional
+            Runs the passes over a store (default: a new :class:`LocalExecutor`).
 
         Returns
         -------
         self
+
+        Notes
+        -----
+        A fit from a store equals the in-memory fit on the same rows up to float
+        round-off.  Nyström landmarks are then drawn with ``landmarks="uniform"`` only
+        (k-means++ and leverage sampling need every row in memory).
         """
         loss_fn, kernels, device, dtype = self._validate_params()
+        store = _as_store(X)
+        if store is not None:
+            if Y is not None:
+                raise ValueError("fit(store) takes both views from the store; do not pass Y")
+            return self._fit_store(store, groups, executor, loss_fn, kernels, device, dtype)
+        if executor is not None:
+            raise ValueError("executor= runs passes over a PairStore; pass the store (or its path) as X")
+        if Y is None:
+            raise ValueError("Y is required when X is an array (or pass a PairStore as X)")
         X = check_matrix(X, "X", device=device)
         Y = check_matrix(Y, "Y", device=device)
         n = check_same_rows(X=X, Y=Y)
@@ -273,23 +295,79 @@ class UniCon:
             raise ValueError(f"need at least 2 pairs to contrast, got {n}")
         self.map_x_, self.map_y_ = (self._fit_map(A, k, name) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y")))
         phi_x, phi_y = self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype)
-        mx, my = phi_x.shape[1], phi_y.shape[1]
+        self._start(loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
+        return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
+
+    def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype):
+        from .executors import LocalExecutor
+
+        n = len(store)
+        if n < 2:
+            raise ValueError(f"pair store {store.path} holds {n} pairs; need at least 2 to contrast")
+        if groups is False:
+            groups = None
+        elif groups is not None:
+            raise ValueError("fit(store) uses the store's own groups; pass groups=False to ignore them")
+        elif store.has_groups:
+            groups = store.read_groups()
+        executor = LocalExecutor() if executor is None else executor
+
+        def read(rows, side):
+            x, y, _ = store.read(rows)
+            return torch.as_tensor(x if side == "x" else y, device=device)
+
+        maps = []
+        for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y)):
+            maps.append(self._fit_map_rows(lambda rows, s=side: read(rows, s), n, dim, kernel, side.upper()))
+        self.map_x_, self.map_y_ = maps
+        mx = store.dim_x if self.map_x_ is None else self.map_x_.n_features
+        my = store.dim_y if self.map_y_ is None else self.map_y_.n_features
+        self._start(loss_fn, store.dim_x, store.dim_y, mx, my)
+        itemsize = torch.finfo(dtype).bits // 8
+        self.plan_ = executor.plan(
+            n, dim_x=store.dim_x, dim_y=store.dim_y, features_x=mx, features_y=my, rank=int(self.rank),
+            itemsize=itemsize, store_itemsize=np.dtype(store.dtype).itemsize, memory_budget=self.memory_budget,
+        )
+        if self.verbose:
+            logger.info("fit from %s: %d pairs in panels of %d rows (%s)", store.path, n, self.plan_.panel_rows,
+                        executor)
+
+        def make_operator(F1, F2):
+            def loader(rows):
+                x, y, _ = store.read(rows)
+                X = torch.as_tensor(x, device=device)
+                Y = torch.as_tensor(y, device=device)
+                return self._embed(self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype), F1, F2)
+
+            return executor.cross_product_operator(
+                loader, n, (mx, my), 1 if F1 is None else int(self.rank), plan=self.plan_,
+                loss=self.loss_fn_, negatives=self.negatives, groups=groups, seed=self.seed,
+                constant=F1 is None, norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None,
+                device=device, dtype=dtype, progress=LogProgress(logger) if self.verbose else None,
+            )
+
+        return self._iterate(make_operator, device)
+
+    def _start(self, loss_fn, dx, dy, mx, my):
         if self.rank > min(mx, my):
             raise ValueError(f"rank={self.rank} exceeds min(m_x, m_y) = min({mx}, {my}) = {min(mx, my)} features")
-        self.svd_solver_, matrix_free = self._svd_plan(mx, my)
+        self.svd_solver_, self._matrix_free = self._svd_plan(mx, my)
         self.loss_fn_ = loss_fn
         self.n_features_x_, self.n_features_y_ = mx, my
-        self.n_inputs_x_, self.n_inputs_y_ = X.shape[1], Y.shape[1]
+        self.n_inputs_x_, self.n_inputs_y_ = dx, dy
+
+    def _iterate(self, make_operator, device):
+        """The fixed point: closed-form steps on the operators ``make_operator(F1, F2)`` gives."""
+        mx, my = self.n_features_x_, self.n_features_y_
         self.history_ = []
         self.converged_ = False
         W_prev = torch.zeros((mx, my), dtype=torch.float64, device=device)
-        F1 = F2 = None
         best = None  # (objective, iteration, F1, F2, W)
-        op = self._operator(phi_x, phi_y, None, None, groups)
+        op = make_operator(None, None)
         self.initial_loss_ = op.loss
         for it in range(1, int(self.max_iter) + 1):
             t0 = time.perf_counter()
-            C = op if matrix_free else op.materialize()
+            C = op if self._matrix_free else op.materialize()
             F1, F2 = closed_form_step(
                 C, int(self.rank), self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
                 oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter), seed=self.seed,
@@ -298,7 +376,8 @@ class UniCon:
             W = F1.T @ F2
             delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
             # the next step's statistics give L at W_k (pass 1 only when this is the last step)
-            op = self._operator(phi_x, phi_y, F1, F2, groups)
+            op.release()
+            op = make_operator(F1, F2)
             objective = op.loss + 0.5 * self.rho * float(torch.linalg.norm(W) ** 2)
             seconds = time.perf_counter() - t0
             self.history_.append(
@@ -312,6 +391,7 @@ class UniCon:
             if delta < self.tol:
                 self.converged_ = True
                 break
+        op.release()
         self.n_iter_ = len(self.history_)
         # The fixed-point map need not contract (small τ with cosine similarity can
         # oscillate), so the encoders kept are those of the iterate with the lowest
@@ -337,6 +417,21 @@ class UniCon:
             raise ValueError(f"n_landmarks={m} exceeds the number of pairs n={A.shape[0]}")
         return NystroemMap.fit(A, kernel, m, method=self.landmarks, seed=self.seed, eig_floor=self.eig_floor, name=name)
 
+    def _fit_map_rows(self, read, n: int, dim: int, kernel: Kernel, name: str) -> NystroemMap | None:
+        """:meth:`_fit_map` reading only the rows it needs: ``read(rows)`` returns them."""
+        if self.n_landmarks is None and isinstance(kernel, Linear):
+            return None
+        if self.landmarks != "uniform":
+            raise ValueError(f"landmarks={self.landmarks!r} needs every row in memory; fit from a store "
+                             "supports landmarks='uniform'")
+        m = int(self.n_landmarks) if self.n_landmarks is not None else min(n, _DEFAULT_LANDMARKS)
+        if m > n:
+            raise ValueError(f"n_landmarks={m} exceeds the number of pairs n={n}")
+        # the same rows, in the same order, as the in-memory fit samples
+        sample = median_sample(n, self.seed)
+        kernel = kernel.resolve(read(np.arange(n) if sample is None else sample), seed=self.seed)
+        return NystroemMap.from_landmarks(kernel, read(uniform_landmarks(n, m, self.seed)), self.eig_floor, name)
+
     @staticmethod
     def _features(A: torch.Tensor, fmap: NystroemMap | None, dtype) -> torch.Tensor:
         return A.to(dtype) if fmap is None else fmap.transform(A, dtype=dtype)
@@ -353,21 +448,27 @@ class UniCon:
         sketch_cost = 2 * (int(self.svd_power_iter) + 1) * (r + k)
         return "randomized", r + min(mx, my) > sketch_cost
 
-    def _operator(self, phi_x, phi_y, F1, F2, groups) -> CrossProductOperator:
-        """S(γ) at the current encoders; F1 = None means s = 0 (the first step)."""
-        n = phi_x.shape[0]
+    def _embed(self, phi_x, phi_y, F1, F2):
+        """(Φ_X, Φ_Y, z_x, z_y) at the encoders F1, F2 (None: s = 0, the first step).
+
+        For cosine similarity the embeddings are normalised and the feature rows scaled
+        by the same 1/‖f(x_i)‖, which linearises the normalisation at the current encoders.
+        """
         if F1 is None:
-            zx = torch.zeros((n, 1), dtype=phi_x.dtype, device=phi_x.device)
-            zy = zx
-        else:
-            zx = phi_x @ F1.to(phi_x.dtype).T
-            zy = phi_y @ F2.to(phi_y.dtype).T
-            if self.similarity == "cosine":
-                sx, sy = _inverse_norms(zx), _inverse_norms(zy)
-                zx, zy = zx * sx[:, None], zy * sy[:, None]
-                phi_x, phi_y = phi_x * sx[:, None], phi_y * sy[:, None]
+            z = torch.zeros((phi_x.shape[0], 1), dtype=phi_x.dtype, device=phi_x.device)
+            return phi_x, phi_y, z, z
+        zx = phi_x @ F1.to(phi_x.dtype).T
+        zy = phi_y @ F2.to(phi_y.dtype).T
+        if self.similarity == "cosine":
+            sx, sy = _inverse_norms(zx), _inverse_norms(zy)
+            zx, zy = zx * sx[:, None], zy * sy[:, None]
+            phi_x, phi_y = phi_x * sx[:, None], phi_y * sy[:, None]
+        return phi_x, phi_y, zx, zy
+
+    def _operator(self, phi_x, phi_y, F1, F2, groups) -> CrossProductOperator:
+        """S(γ) at the current encoders over in-memory features; F1 = None means s = 0."""
         return CrossProductOperator(
-            phi_x, phi_y, zx, zy, loss=self.loss_fn_, negatives=self.negatives, groups=groups,
+            *self._embed(phi_x, phi_y, F1, F2), loss=self.loss_fn_, negatives=self.negatives, groups=groups,
             seed=self.seed, memory_budget=self.memory_budget,
             progress=LogProgress(logger) if self.verbose else None,
         )
@@ -514,6 +615,19 @@ class _SimilarityValue(str):
 
 
 UniCon.similarity = _SimilarityDescriptor()
+
+
+def _as_store(X):
+    """X as a PairStore when it is one or a path to one; None for arrays."""
+    import os
+
+    if isinstance(X, (str, os.PathLike)):
+        from .store import PairStore
+
+        return PairStore.open(X)
+    if hasattr(X, "read") and hasattr(X, "iter_blocks") and hasattr(X, "dim_x"):
+        return X
+    return None
 
 
 def _inverse_norms(Z: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from .kernels import Kernel, get_kernel
 from .planning import plan_feature_rows
 
-__all__ = ["NystroemMap", "select_landmarks", "LANDMARK_METHODS"]
+__all__ = ["NystroemMap", "select_landmarks", "uniform_landmarks", "LANDMARK_METHODS"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ def _ridge_leverage(kernel: Kernel, X: torch.Tensor, m: int, rng: np.random.Gene
     return rng.choice(n, m, replace=False, p=p)
 
 
+def uniform_landmarks(n: int, m: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``m`` of ``n`` rows drawn uniformly without replacement (seeded)."""
+    return np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
+
+
 def select_landmarks(kernel: Kernel, X: torch.Tensor, m: int, method: str = "uniform", seed: int = 0,
                      block: int = 4096) -> np.ndarray:
     """Indices of ``m`` landmark rows of X, seeded.
@@ -107,9 +112,9 @@ def select_landmarks(kernel: Kernel, X: torch.Tensor, m: int, method: str = "uni
     n = X.shape[0]
     if not 1 <= m <= n:
         raise ValueError(f"n_landmarks must be in [1, n={n}], got {m}")
-    rng = np.random.default_rng(seed)
     if method == "uniform":
-        return np.sort(rng.choice(n, m, replace=False))
+        return uniform_landmarks(n, m, seed)
+    rng = np.random.default_rng(seed)
     if method == "kmeans++":
         return np.sort(_kmeanspp(kernel, X, m, rng, block))
     if method == "leverage":
@@ -164,7 +169,15 @@ class NystroemMap:
         kernel = get_kernel(kernel).resolve(X, seed=seed)
         m = min(int(n_landmarks), X.shape[0])
         idx = select_landmarks(kernel, X, m, method, seed, block)
-        L = X[torch.as_tensor(idx, device=X.device)].double()
+        return cls.from_landmarks(kernel, X[torch.as_tensor(idx, device=X.device)], eig_floor, name)
+
+    @classmethod
+    def from_landmarks(cls, kernel: Kernel, L, eig_floor: float = 1e-10, name: str = "X") -> "NystroemMap":
+        """The map of given landmark rows ``L`` for a kernel with its parameters resolved."""
+        if not 0 <= eig_floor < 1:
+            raise ValueError(f"eig_floor must be in [0, 1), got {eig_floor}")
+        L = torch.as_tensor(L).double()
+        m = L.shape[0]
         norm = cls._fit_map(kernel, L, eig_floor)
         if norm.shape[1] < m:
             warnings.warn(
@@ -172,7 +185,7 @@ class NystroemMap:
                 f"(eigenvalues below {eig_floor:g} x the largest dropped; duplicated or near-collinear "
                 f"landmarks); the map has {norm.shape[1]} features",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return cls(kernel, L, norm, eig_floor)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TilePlan", "plan_tiles", "plan_feature_rows"]
+__all__ = ["TilePlan", "plan_tiles", "plan_feature_rows", "PanelPlan", "plan_panels"]
 
 # Measured on the 2-core development machine (benchmarks/bench_cross_product.py):
 # tall-thin tiles of about 2^21 elements keep one tile plus its temporaries in L2/L3
@@ -97,3 +97,76 @@ _FEATURE_BLOCK_BYTES = 8 << 20
 def plan_feature_rows(n_landmarks: int, itemsize: int = 8) -> int:
     """Rows per block of the Nyström feature map for ``n_landmarks`` landmarks."""
     return max(64, _FEATURE_BLOCK_BYTES // (max(int(n_landmarks), 1) * itemsize))
+
+
+# Working memory of a pass over a store when no budget is given.
+_DEFAULT_PASS_BUDGET = 2 << 30
+# O(n) statistics kept for every pair during a pass: float64 log-sums and weights of rows
+# and columns, the int64 group layout and batch order (rounded up).
+_STATS_BYTES_PER_PAIR = 96
+_MIN_PANEL_ROWS = 256
+_TILE_BYTES = _DEFAULT_TILE_ELEMENTS * 16
+
+
+@dataclass(frozen=True)
+class PanelPlan:
+    """How a pass over rows that do not fit in memory is cut.
+
+    Attributes
+    ----------
+    panel_rows : int
+        Rows loaded at a time (two panels are resident: a row panel and a column panel).
+    tile_budget : int
+        Bytes given to the similarity tiles (for :func:`plan_tiles`).
+    row_bytes : int
+        Estimated bytes of one loaded row.
+    fixed_bytes : int
+        Bytes independent of the panel size: per-pair statistics and tiles.
+    """
+
+    panel_rows: int
+    tile_budget: int
+    row_bytes: int
+    fixed_bytes: int
+
+
+def plan_panels(
+    n: int,
+    *,
+    dim_x: int,
+    dim_y: int,
+    features_x: int,
+    features_y: int,
+    rank: int,
+    itemsize: int = 4,
+    store_itemsize: int = 4,
+    memory_budget: int | None = None,
+) -> PanelPlan:
+    """Panel size for a pass over n stored pairs within ``memory_budget`` bytes.
+
+    A loaded row holds the stored x and y, both feature maps, the embeddings and the
+    row-scaled copies the passes make of them; pass 2 adds an accumulator and an operand
+    of at most max(m_x, m_y) columns for the row panel.  The O(n) per-pair statistics and
+    the tiles come off the budget first.
+
+    Raises
+    ------
+    ValueError
+        When the budget cannot hold the statistics and a panel of 256 rows.
+    """
+    budget = _DEFAULT_PASS_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget}")
+    tile = min(_TILE_BYTES, budget // 8)
+    row = store_itemsize * (dim_x + dim_y) + itemsize * (2 * (features_x + features_y) + 4 * rank)
+    acc = itemsize * 2 * max(features_x, features_y)
+    fixed = n * _STATS_BYTES_PER_PAIR + tile
+    rows = (budget - fixed) // (2 * row + acc)
+    if rows < min(n, _MIN_PANEL_ROWS):
+        need = fixed + min(n, _MIN_PANEL_ROWS) * (2 * row + acc)
+        raise ValueError(
+            f"memory_budget={budget} bytes is too small for {n} pairs: the per-pair statistics and tiles "
+            f"take {fixed} bytes and a panel of {min(n, _MIN_PANEL_ROWS)} rows {need - fixed} more; "
+            f"give at least {need} bytes"
+        )
+    return PanelPlan(int(min(rows, n)), int(tile), int(row), int(fixed))

@@ -23,6 +23,7 @@ Block sizes are arguments; :func:`unicon_dist.planning.plan_tiles` chooses them.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 from .losses import ContrastiveLoss, get_loss
 from .planning import plan_tiles
 from .positives import Positives, canonical_groups
-from .validation import check_matrix, check_same_rows, resolve_device
+from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 
 __all__ = ["CrossProductOperator", "weighted_cross_product", "make_batches"]
 
@@ -60,13 +61,47 @@ def make_batches(n: int, negatives, seed: int = 0) -> list[np.ndarray] | None:
 
 @dataclass
 class _Batch:
-    """One independent block of S: rows ``index`` (None = all rows in order), in group order."""
+    """One independent block of S over ``n`` positions, in group order.
 
-    index: torch.Tensor | None
+    ``rows`` maps positions to source rows (None: position p is row p).  ``panels`` cut
+    the positions into ranges that are loaded as a whole; a cut never splits a group,
+    so every positive pair lies inside one panel.
+    """
+
+    key: int
+    n: int
+    rows: np.ndarray | None
     pos: Positives
-    zx: torch.Tensor  # embeddings in processing order (scaled by 1/τ for exponential ψ)
-    zy: torch.Tensor
+    panels: list[tuple[int, int]]
     stats: dict
+
+
+@dataclass
+class _Panel:
+    """Positions p0:p1 of a batch, loaded: features and embeddings (z_x pre-scaled by 1/τ for ψ = exp)."""
+
+    p0: int
+    p1: int
+    phi_x: torch.Tensor
+    phi_y: torch.Tensor
+    zx: torch.Tensor
+    zy: torch.Tensor
+
+    def local(self, i0: int, i1: int) -> slice:
+        return slice(i0 - self.p0, i1 - self.p0)
+
+
+class _TensorRows:
+    """The loader of an operator built on in-memory tensors."""
+
+    def __init__(self, phi_x, phi_y, zx, zy):
+        self.tensors = (phi_x, phi_y, zx, zy)
+
+    def __call__(self, rows):
+        if isinstance(rows, slice):
+            return tuple(t[rows] for t in self.tensors)
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.tensors[0].device)
+        return tuple(t.index_select(0, index) for t in self.tensors)
 
 
 class CrossProductOperator:
@@ -74,6 +109,14 @@ class CrossProductOperator:
 
     Construction runs pass 1 (the per-anchor statistics, and the loss value); every
     product afterwards is one pass 2 over the tiles.
+
+    Rows are visited in *panels* of at most ``panel_rows`` positions (never splitting a
+    group of positives): a pass loads one row panel and streams every column panel past
+    it, so only two panels are resident at a time.  With the default (one panel) this is
+    the in-memory operator; :meth:`from_loader` builds one whose panels are read on
+    demand (from a :class:`unicon_dist.PairStore`, through the model's feature maps), so
+    memory is bounded by the panel size instead of n.  The result does not depend on
+    the panelling beyond float round-off.
 
     Parameters
     ----------
@@ -99,6 +142,8 @@ class CrossProductOperator:
     progress : callable, optional
         Called as ``progress(stage, done, total)`` after each block of rows (stage
         "statistics" or "product"), e.g. :class:`unicon_dist.progress.LogProgress`.
+    panel_rows : int, optional
+        Positions per panel (default: all rows in one panel).
 
     Attributes
     ----------
@@ -106,6 +151,8 @@ class CrossProductOperator:
     loss : float
         L(s) at the given embeddings (under the ``negatives`` restriction).
     n : int
+    n_loads : int
+        Panel loads so far (one per panel and pass when there is one panel per batch).
     """
 
     def __init__(
@@ -126,36 +173,116 @@ class CrossProductOperator:
         device=None,
         dtype=None,
         progress=None,
+        panel_rows: int | None = None,
         _force_general: bool = False,
     ):
-        self.loss_fn: ContrastiveLoss = get_loss(loss, temperature=temperature, nu=nu)
         zx = check_matrix(z_x, "z_x")
         zy = check_matrix(z_y, "z_y")
-        self.device = resolve_device(device) if device is not None else zx.device
+        device = resolve_device(device) if device is not None else zx.device
         if dtype is None:
             dtype = torch.float64 if zx.dtype == torch.float64 else torch.float32
-        self.dtype = dtype
-        self.phi_x = check_matrix(phi_x, "phi_x", dtype=dtype, device=self.device)
-        self.phi_y = check_matrix(phi_y, "phi_y", dtype=dtype, device=self.device)
-        zx = zx.to(dtype=dtype, device=self.device)
-        zy = zy.to(dtype=dtype, device=self.device)
-        self.n = check_same_rows(phi_x=self.phi_x, phi_y=self.phi_y, z_x=zx, z_y=zy)
+        phi_x = check_matrix(phi_x, "phi_x", dtype=dtype, device=device)
+        phi_y = check_matrix(phi_y, "phi_y", dtype=dtype, device=device)
+        zx = zx.to(dtype=dtype, device=device)
+        zy = zy.to(dtype=dtype, device=device)
+        n = check_same_rows(phi_x=phi_x, phi_y=phi_y, z_x=zx, z_y=zy)
         if zx.shape[1] != zy.shape[1]:
             raise ValueError(f"z_x and z_y must have the same width (embedding dim), got {zx.shape[1]} and {zy.shape[1]}")
-        self.shape = (self.phi_x.shape[1], self.phi_y.shape[1])
-        self._exp = self.loss_fn.exponential and not _force_general
-        labels = canonical_groups(groups, self.n)
-        batches = make_batches(self.n, negatives, seed)
-        self._block_rows, self._block_cols, self._budget = block_rows, block_cols, memory_budget
-        self._progress = progress
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._batches = [self._make_batch(zx, zy, labels, b) for b in (batches or [None])]
-        self.loss = float(sum(b.stats["loss_sum"] for b in self._batches) / (2 * self.n))
+        self._setup(
+            _TensorRows(phi_x, phi_y, zx, zy), n, (phi_x.shape[1], phi_y.shape[1]), zx.shape[1],
+            loss=loss, temperature=temperature, nu=nu, negatives=negatives, groups=groups, seed=seed,
+            block_rows=block_rows, block_cols=block_cols, memory_budget=memory_budget, device=device,
+            dtype=dtype, progress=progress, panel_rows=panel_rows, constant=_is_zero(zx) or _is_zero(zy),
+            norm_bound=None, force_general=_force_general,
+        )
+
+    @classmethod
+    def from_loader(
+        cls,
+        loader,
+        n: int,
+        shape: tuple[int, int],
+        rank: int,
+        *,
+        loss="clip",
+        temperature: float = 0.07,
+        nu: float = 1.0,
+        negatives="full",
+        groups=None,
+        seed: int = 0,
+        panel_rows: int | None = None,
+        constant: bool = False,
+        norm_bound: tuple[float, float] | None = None,
+        block_rows: int | None = None,
+        block_cols: int | None = None,
+        memory_budget: int | None = None,
+        device="cpu",
+        dtype=torch.float32,
+        progress=None,
+    ) -> "CrossProductOperator":
+        """An operator whose rows are produced on demand by ``loader``.
+
+        Parameters
+        ----------
+        loader : callable
+            ``loader(rows) -> (phi_x, phi_y, z_x, z_y)`` for ``rows`` a slice or an int64
+            array of row numbers (in any order), returning tensors of ``dtype`` on
+            ``device`` with one row per requested row, in that order.
+        n : int
+            Number of rows.
+        shape : (m_x, m_y)
+            Feature widths.
+        rank : int
+            Width r of the embeddings.
+        constant : bool
+            The embeddings are all zero (s ≡ 0, the first fixed-point step): the
+            statistics then need no pass over the rows.
+        norm_bound : (float, float), optional
+            Upper bounds of ‖z_x,i‖ and ‖z_y,j‖ (e.g. 1 for unit embeddings); without them
+            one extra sweep over the panels finds the maxima.
+        Other parameters
+            As for the constructor.
+        """
+        self = cls.__new__(cls)
+        self._setup(
+            loader, int(n), (int(shape[0]), int(shape[1])), int(rank), loss=loss, temperature=temperature, nu=nu,
+            negatives=negatives, groups=groups, seed=seed, block_rows=block_rows, block_cols=block_cols,
+            memory_budget=memory_budget, device=resolve_device(device), dtype=resolve_dtype(dtype),
+            progress=progress, panel_rows=panel_rows, constant=constant, norm_bound=norm_bound,
+            force_general=False,
+        )
+        return self
 
     # ------------------------------------------------------------------ setup
-    def _make_batch(self, zx, zy, labels, rows) -> _Batch:
+    def _setup(self, loader, n, shape, rank, *, loss, temperature, nu, negatives, groups, seed, block_rows,
+               block_cols, memory_budget, device, dtype, progress, panel_rows, constant, norm_bound,
+               force_general):
+        self.loss_fn: ContrastiveLoss = get_loss(loss, temperature=temperature, nu=nu)
+        self.device, self.dtype = device, dtype
+        self.n, self.shape, self.rank = n, shape, rank
+        if panel_rows is not None and (isinstance(panel_rows, bool) or int(panel_rows) < 1):
+            raise ValueError(f"panel_rows must be a positive integer, got {panel_rows!r}")
+        self._loader = loader
+        self._exp = self.loss_fn.exponential and not force_general
+        self._constant = bool(constant)
+        self._norm_bound = norm_bound
+        self._block_rows, self._block_cols, self._budget = block_rows, block_cols, memory_budget
+        self._panel_rows = int(panel_rows) if panel_rows is not None else n
+        self._progress = progress
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._cache: OrderedDict = OrderedDict()  # one loaded group of panels at a time
+        self.n_loads = 0
+        labels = canonical_groups(groups, n)
+        batches = make_batches(n, negatives, seed)
+        self._batches = [self._make_batch(k, labels, rows) for k, rows in enumerate(batches or [None])]
+        for b in self._batches:
+            plan = self._plan(b.n, rank + max(shape), b.pos)
+            b.stats = (self._stats_exp if self._exp else self._stats_general)(b, plan)
+        self.loss = float(sum(b.stats["loss_sum"] for b in self._batches) / (2 * n))
+
+    def _make_batch(self, key, labels, rows) -> _Batch:
         if rows is None and labels is None:
-            index, sorted_labels = None, None
+            sorted_labels = None
         else:
             rows = np.arange(self.n) if rows is None else np.asarray(rows)
             if labels is not None:
@@ -163,17 +290,9 @@ class CrossProductOperator:
                 sorted_labels = labels[rows]
             else:
                 sorted_labels = None
-            index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        nb = zx.shape[0] if index is None else index.numel()
+        nb = self.n if rows is None else rows.size
         pos = Positives.build(sorted_labels, nb, self.device)
-        bzx = zx if index is None else zx.index_select(0, index)
-        bzy = zy if index is None else zy.index_select(0, index)
-        if self._exp:
-            bzx = bzx * (1.0 / self.loss_fn.temperature)
-        batch = _Batch(index, pos, bzx, bzy, {})
-        plan = self._plan(nb, bzx.shape[1] + max(self.shape), pos)
-        batch.stats = (self._stats_exp if self._exp else self._stats_general)(batch, plan)
-        return batch
+        return _Batch(key, nb, rows, pos, _cut_panels(sorted_labels, nb, self._panel_rows), {})
 
     def _plan(self, n, width, pos):
         slots = 1 if (self._exp or pos.one_to_one) else pos.max_size
@@ -187,13 +306,77 @@ class CrossProductOperator:
             block_cols=self._block_cols,
         )
 
-    def _tiles(self, n, plan):
-        blocks = -(-n // plan.block_rows)
-        for k, i0 in enumerate(range(0, n, plan.block_rows)):
-            i1 = min(i0 + plan.block_rows, n)
-            for j0 in range(0, n, plan.block_cols):
-                yield i0, i1, j0, min(j0 + plan.block_cols, n)
-            self._report("statistics", k + 1, blocks)
+    # ---------------------------------------------------------------- panels
+    def _load(self, b: _Batch, k: int) -> _Panel:
+        """Panel k of batch b, from the cache or loaded with the panels after it that fit.
+
+        Consecutive panels (of the same or later batches) are loaded together up to
+        ``panel_rows`` positions, so that many small batches cost one read of the source
+        rather than one each.  Only the latest group stays cached: a pass holds its row
+        panel itself and streams the column panels through the cache.
+        """
+        for group in self._cache.values():
+            if (b.key, k) in group:
+                return group[(b.key, k)]
+        self._cache.clear()  # before loading: at most the caller's row panel and one group alive
+        keys, total = [], 0
+        bi, kk = b.key, k
+        while bi < len(self._batches):
+            p0, p1 = self._batches[bi].panels[kk]
+            if keys and total + (p1 - p0) > self._panel_rows:
+                break
+            keys.append((bi, kk, p0, p1))
+            total += p1 - p0
+            kk += 1
+            if kk == len(self._batches[bi].panels):
+                bi, kk = bi + 1, 0
+        parts = [self._rows(self._batches[bi], p0, p1) for bi, _, p0, p1 in keys]
+        if all(isinstance(p, slice) for p in parts) and all(
+            a.stop == c.start for a, c in zip(parts[:-1], parts[1:])
+        ):
+            rows = slice(parts[0].start, parts[-1].stop)
+        else:
+            rows = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, slice) else p for p in parts])
+        phi_x, phi_y, zx, zy = self._loader(rows)
+        self.n_loads += 1
+        if self._exp:
+            zx = zx * (1.0 / self.loss_fn.temperature)
+        group, at = {}, 0
+        for bi, kk, p0, p1 in keys:
+            sl = slice(at, at + p1 - p0)
+            group[(bi, kk)] = _Panel(p0, p1, phi_x[sl], phi_y[sl], zx[sl], zy[sl])
+            at += p1 - p0
+        self._cache[id(group)] = group
+        return group[(b.key, k)]
+
+    @staticmethod
+    def _rows(b: _Batch, p0: int, p1: int):
+        return slice(p0, p1) if b.rows is None else b.rows[p0:p1]
+
+    def _panels(self, b: _Batch):
+        for k in range(len(b.panels)):
+            yield self._load(b, k)
+
+    def release(self):
+        """Drop the cached panels (the statistics are kept)."""
+        self._cache.clear()
+        self._buffers.clear()
+
+    def _tiles(self, b: _Batch, plan, stage):
+        """(P, Q, i0, i1, j0, j1) over all tiles of batch b, row panel by row panel."""
+        br, bc = plan.block_rows, plan.block_cols
+        total = sum(-(-(p1 - p0) // br) for p0, p1 in b.panels) * len(b.panels)
+        done = 0
+        for kp in range(len(b.panels)):
+            P = self._load(b, kp)
+            for kq in range(len(b.panels)):
+                Q = P if kq == kp else self._load(b, kq)
+                for i0 in range(P.p0, P.p1, br):
+                    i1 = min(i0 + br, P.p1)
+                    for j0 in range(Q.p0, Q.p1, bc):
+                        yield P, Q, i0, i1, j0, min(j0 + bc, Q.p1)
+                    done += 1
+                    self._report(stage, done, total)
 
     def _buffer(self, name: str, rows: int, cols: int) -> torch.Tensor:
         """A reusable tile-sized scratch tensor: fresh multi-megabyte allocations per tile
@@ -219,15 +402,22 @@ class CrossProductOperator:
         Beyond that (small τ, unnormalised embeddings) they fall back to per-row and
         per-column maxima as in FlashAttention's online softmax, which cost more.
         """
-        U = float(b.zx.norm(dim=1).max() * b.zy.norm(dim=1).max())
+        if self._norm_bound is not None:
+            U = float(self._norm_bound[0]) * float(self._norm_bound[1]) / self.loss_fn.temperature
+        else:
+            mx = my = 0.0
+            for P in self._panels(b):
+                mx = max(mx, float(P.zx.norm(dim=1).max()))
+                my = max(my, float(P.zy.norm(dim=1).max()))
+            U = mx * my
         return U <= (40.0 if self.dtype != torch.float64 else 300.0)
 
     def _stats_exp(self, b: _Batch, plan) -> dict:
-        n, pos, lf = b.zx.shape[0], b.pos, self.loss_fn
+        n, pos, lf = b.n, b.pos, self.loss_fn
         f64 = dict(dtype=torch.float64, device=self.device)
         lneg_row = torch.full((n,), _NEG_INF, **f64)  # log Σ_{j∉P(i)} e^{t_ij}
         lneg_col = torch.full((n,), _NEG_INF, **f64)
-        constant = _is_zero(b.zx) or _is_zero(b.zy)
+        constant = self._constant
         direct = constant or self._direct_exp(b)
         if direct:
             row_sum = torch.zeros((n,), **f64)  # Σ_{j∉P(i)} e^{t_ij}
@@ -235,15 +425,16 @@ class CrossProductOperator:
         if constant:  # s ≡ 0: every negative contributes e^0 = 1
             row_sum += n - pos.size.double()
             col_sum += n - pos.size.double()
-        for i0, i1, j0, j1 in (() if constant else self._tiles(n, plan)):
+        for P, Q, i0, i1, j0, j1 in (() if constant else self._tiles(b, plan, "statistics")):
+            zx, zy = P.zx[P.local(i0, i1)], Q.zy[Q.local(j0, j1)]
             if direct:
-                e = torch.mm(b.zx[i0:i1], b.zy[j0:j1].T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
+                e = torch.mm(zx, zy.T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
                 if pos.tile_has_positives(i0, i1, j0, j1):
                     self._zero_positives(e, pos, i0, i1, j0, j1)
                 row_sum[i0:i1] += e.sum(1)
                 col_sum[j0:j1] += e.sum(0)
                 continue
-            t = b.zx[i0:i1] @ b.zy[j0:j1].T
+            t = zx @ zy.T
             if pos.tile_has_positives(i0, i1, j0, j1):
                 if pos.one_to_one:
                     t[pos.diagonal(i0, i1, j0, j1)] = _NEG_INF
@@ -260,7 +451,7 @@ class CrossProductOperator:
         loss_sum = torch.zeros((), **f64)
         inv_size = 1.0 / b.pos.size.double()
         log_eps = math.log(lf.epsilon)
-        for i0, i1, j0, j1, m, t in self._positive_tiles(b, plan):
+        for _, i0, i1, j0, j1, m, t in self._positive_tiles(b, plan):
             ld_r = torch.logaddexp(lneg_row[i0:i1, None], t)
             ld_c = torch.logaddexp(lneg_col[None, j0:j1], t)
             la_row[i0:i1] = torch.logaddexp(la_row[i0:i1], torch.logsumexp((-ld_r).masked_fill(~m, _NEG_INF), 1))
@@ -295,58 +486,59 @@ class CrossProductOperator:
             e.masked_fill_(pos.mask(i0, i1, j0, j1), 0.0)
 
     def _positive_tiles(self, b: _Batch, plan):
-        """Tiles holding positives: (i0, i1, j0, j1, mask, t in float64)."""
-        n, pos = b.zx.shape[0], b.pos
-        if pos.one_to_one:
-            # the diagonal, one row block at a time, as a (rows × 1) "tile" per row
-            for i0 in range(0, n, plan.block_rows):
-                i1 = min(i0 + plan.block_rows, n)
-                t = (b.zx[i0:i1].double() * b.zy[i0:i1].double()).sum(1)
-                yield from self._diag_tile(i0, i1, t)
-            return
-        for i0 in range(0, n, plan.block_rows):
-            i1 = min(i0 + plan.block_rows, n)
+        """Tiles holding positives, all inside one panel: (P, i0, i1, j0, j1, mask, t in float64)."""
+        for P in self._panels(b):
+            yield from self._positive_tiles_of(b, P, plan)
+
+    @staticmethod
+    def _positive_tiles_of(b: _Batch, P: _Panel, plan):
+        pos = b.pos
+        for i0 in range(P.p0, P.p1, plan.block_rows):
+            i1 = min(i0 + plan.block_rows, P.p1)
+            li = P.local(i0, i1)
+            if pos.one_to_one:
+                # the diagonal, as an (i1 − i0)² tile with only its diagonal set; the
+                # square tile keeps one code path for row and column reductions
+                t = (P.zx[li].double() * P.zy[li].double()).sum(1)
+                k = i1 - i0
+                tt = torch.zeros((k, k), dtype=t.dtype, device=t.device)
+                tt.diagonal().copy_(t)
+                yield P, i0, i1, i0, i1, torch.eye(k, dtype=torch.bool, device=t.device), tt
+                continue
             s0, s1 = pos.span(i0, i1)
             for j0 in range(s0, s1, plan.block_cols):
                 j1 = min(j0 + plan.block_cols, s1)
-                t = b.zx[i0:i1].double() @ b.zy[j0:j1].double().T
-                yield i0, i1, j0, j1, pos.mask(i0, i1, j0, j1), t
-
-    @staticmethod
-    def _diag_tile(i0, i1, t):
-        # a diagonal block is the (i1-i0)² tile with only its diagonal set; the
-        # square tile keeps one code path for row and column reductions
-        k = i1 - i0
-        m = torch.eye(k, dtype=torch.bool, device=t.device)
-        tt = torch.zeros((k, k), dtype=t.dtype, device=t.device)
-        tt.diagonal().copy_(t)
-        yield i0, i1, i0, i1, m, tt
+                t = P.zx[li].double() @ P.zy[P.local(j0, j1)].double().T
+                yield P, i0, i1, j0, j1, pos.mask(i0, i1, j0, j1), t
 
     # ----------------------------------------------------- pass 1: general ψ
     def _positive_slots(self, b: _Batch, plan):
         """s_{i, start_i+q} and s_{start_j+q, j} for slots q < |P|: two (n, p) matrices."""
-        n, pos = b.zx.shape[0], b.pos
+        n, pos = b.n, b.pos
         p = pos.max_size
         ar = torch.arange(p, device=self.device)
         spos_row = torch.zeros((n, p), dtype=self.dtype, device=self.device)
         spos_col = torch.zeros((n, p), dtype=self.dtype, device=self.device)
-        for i0 in range(0, n, plan.block_rows):
-            i1 = min(i0 + plan.block_rows, n)
-            partner = (pos.start[i0:i1, None] + ar[None, :]).clamp(max=n - 1)
-            spos_row[i0:i1] = torch.einsum("ir,iqr->iq", b.zx[i0:i1], b.zy[partner])
-            spos_col[i0:i1] = torch.einsum("ir,iqr->iq", b.zy[i0:i1], b.zx[partner])
+        for P in self._panels(b):
+            for i0 in range(P.p0, P.p1, plan.block_rows):
+                i1 = min(i0 + plan.block_rows, P.p1)
+                li = P.local(i0, i1)
+                # slots past a group's size point at any row of the panel; `valid` masks them
+                partner = (pos.start[i0:i1, None] + ar[None, :]).clamp(max=P.p1 - 1) - P.p0
+                spos_row[i0:i1] = torch.einsum("ir,iqr->iq", P.zx[li], P.zy[partner])
+                spos_col[i0:i1] = torch.einsum("ir,iqr->iq", P.zy[li], P.zx[partner])
         valid = ar[None, :] < pos.size[:, None]
         return spos_row, spos_col, valid
 
     def _stats_general(self, b: _Batch, plan) -> dict:
-        n, pos, lf = b.zx.shape[0], b.pos, self.loss_fn
+        n, pos, lf = b.n, b.pos, self.loss_fn
         nu, eps = lf.nu, lf.epsilon
         spos_row, spos_col, valid = self._positive_slots(b, plan)
         p = spos_row.shape[1]
         acc = dict(dtype=torch.float64, device=self.device)
         a_row, d_row = torch.zeros((n, p), **acc), torch.zeros((n, p), **acc)
         a_col, d_col = torch.zeros((n, p), **acc), torch.zeros((n, p), **acc)
-        constant = _is_zero(b.zx) or _is_zero(b.zy)
+        constant = self._constant
         if constant:  # s ≡ 0: each anchor has n − |P(i)| negatives, all with x = 0
             zero = torch.zeros((), **acc)
             negs = (n - pos.size.double())[:, None].expand(n, p)
@@ -354,8 +546,8 @@ class CrossProductOperator:
             d_row += negs * lf.dpsi(zero)
             a_col += negs * lf.psi(zero)
             d_col += negs * lf.dpsi(zero)
-        for i0, i1, j0, j1 in (() if constant else self._tiles(n, plan)):
-            s = b.zx[i0:i1] @ b.zy[j0:j1].T
+        for P, Q, i0, i1, j0, j1 in (() if constant else self._tiles(b, plan, "statistics")):
+            s = P.zx[P.local(i0, i1)] @ Q.zy[Q.local(j0, j1)].T
             neg = ~pos.mask(i0, i1, j0, j1) if pos.tile_has_positives(i0, i1, j0, j1) else None
             for q in range(int(pos.size[i0:i1].max())):
                 x = s - nu * spos_row[i0:i1, q, None]
@@ -381,48 +573,55 @@ class CrossProductOperator:
         return out
 
     # ------------------------------------------------------------- pass 2
-    def cross(self, A, B) -> torch.Tensor:
-        """Aᵀ S B in float64 for A (n × a), B (n × b).
+    def _product(self, omega_x=None, omega_y=None) -> torch.Tensor:
+        """(Φ_X Ω_x)ᵀ S (Φ_Y Ω_y) in float64 (Ω = None: the identity).
 
         Each tile G of −2n·S is multiplied by the narrower operand: by B_J into
-        row-block accumulators when b ≤ a, else by A_I (as Gᵀ A_I) into column-block
+        row-panel accumulators when b ≤ a, else by A_I (as Gᵀ A_I) into column-panel
         accumulators, so a product with a thin side (C·Ω, Cᵀ·Ω) costs O(n² min(a, b)).
+        Block products are formed in tile precision and summed into C in float64.
         """
-        A = A.to(dtype=self.dtype, device=self.device)
-        B = B.to(dtype=self.dtype, device=self.device)
-        C = torch.zeros((A.shape[1], B.shape[1]), dtype=torch.float64, device=self.device)
-        by_rows = B.shape[1] <= A.shape[1]
+        a = self.shape[0] if omega_x is None else omega_x.shape[1]
+        w = self.shape[1] if omega_y is None else omega_y.shape[1]
+        C = torch.zeros((a, w), dtype=torch.float64, device=self.device)
+        by_rows = w <= a
+        tile = self._tile_exp if self._exp else self._tile_general
+        left = lambda P: P.phi_x if omega_x is None else P.phi_x @ omega_x  # noqa: E731
+        right = lambda P: P.phi_y if omega_y is None else P.phi_y @ omega_y  # noqa: E731
         for b in self._batches:
-            Ab = A if b.index is None else A.index_select(0, b.index)
-            Bb = B if b.index is None else B.index_select(0, b.index)
-            plan = self._plan(Ab.shape[0], b.zx.shape[1] + min(A.shape[1], B.shape[1]), b.pos)
-            tile = self._tile_exp if self._exp else self._tile_general
-            n = Ab.shape[0]
+            plan = self._plan(b.n, self.rank + min(a, w), b.pos)
+            br, bc = plan.block_rows, plan.block_cols
             if "constant" in b.stats:
-                C -= self._cross_constant(b, Ab, Bb, plan, tile)
-            elif by_rows:
-                blocks = -(-n // plan.block_rows)
-                for k, i0 in enumerate(range(0, n, plan.block_rows)):
-                    i1 = min(i0 + plan.block_rows, n)
-                    R = torch.zeros((i1 - i0, Bb.shape[1]), dtype=self.dtype, device=self.device)
-                    for j0 in range(0, n, plan.block_cols):
-                        j1 = min(j0 + plan.block_cols, n)
-                        R.addmm_(tile(b, i0, i1, j0, j1), Bb[j0:j1])
-                    C -= (Ab[i0:i1].T @ R).double()  # block product in tile precision, sum in float64
-                    self._report("product", k + 1, blocks)
-            else:
-                blocks = -(-n // plan.block_cols)
-                for k, j0 in enumerate(range(0, n, plan.block_cols)):
-                    j1 = min(j0 + plan.block_cols, n)
-                    R = torch.zeros((j1 - j0, Ab.shape[1]), dtype=self.dtype, device=self.device)
-                    for i0 in range(0, n, plan.block_rows):
-                        i1 = min(i0 + plan.block_rows, n)
-                        R.addmm_(tile(b, i0, i1, j0, j1).T, Ab[i0:i1])
-                    C -= (R.T @ Bb[j0:j1]).double()
-                    self._report("product", k + 1, blocks)
+                C -= self._cross_constant(b, left, right, plan, tile)
+                continue
+            # outer panels O carry the accumulator R_O; inner panels stream past them
+            outer_block, inner_block = (br, bc) if by_rows else (bc, br)
+            total = sum(-(-(p1 - p0) // outer_block) for p0, p1 in b.panels) * len(b.panels)
+            done = 0
+            for ko in range(len(b.panels)):
+                O = self._load(b, ko)
+                keep = left(O) if by_rows else right(O)
+                R = torch.zeros((O.p1 - O.p0, w if by_rows else a), dtype=self.dtype, device=self.device)
+                for ki in range(len(b.panels)):
+                    I = O if ki == ko else self._load(b, ki)
+                    other = right(I) if by_rows else left(I)
+                    for o0 in range(O.p0, O.p1, outer_block):
+                        o1 = min(o0 + outer_block, O.p1)
+                        acc = R[O.local(o0, o1)]
+                        for i0 in range(I.p0, I.p1, inner_block):
+                            i1 = min(i0 + inner_block, I.p1)
+                            if by_rows:
+                                acc.addmm_(tile(b, O, I, o0, o1, i0, i1), other[I.local(i0, i1)])
+                            else:
+                                acc.addmm_(tile(b, I, O, i0, i1, o0, o1).T, other[I.local(i0, i1)])
+                        done += 1
+                        self._report("product", done, total)
+                for o0 in range(O.p0, O.p1, outer_block):
+                    lo = O.local(o0, min(o0 + outer_block, O.p1))
+                    C -= (keep[lo].T @ R[lo]).double() if by_rows else (R[lo].T @ keep[lo]).double()
         return C / (2 * self.n)
 
-    def _cross_constant(self, b: _Batch, A, B, plan, tile) -> torch.Tensor:
+    def _cross_constant(self, b: _Batch, left, right, plan, tile) -> torch.Tensor:
         """Aᵀ(−2n·S)B in float64 when s ≡ 0 (the first step of the fixed point).
 
         Every negative then has the weight α_i + β_j, so off the positives −2n·S is the
@@ -430,28 +629,39 @@ class CrossProductOperator:
         corrected tile by tile.  O(n(a + b) + Σ|P(i)|·block) instead of O(n²).
         """
         alpha, beta = b.stats["constant"]
-        a_alpha, a_one = _weighted_column_sums(A, alpha, plan.block_rows)
-        b_beta, b_one = _weighted_column_sums(B, beta, plan.block_rows)
+        sums = corrections = None
+        for k in range(len(b.panels)):
+            P = self._load(b, k)
+            A, B = left(P), right(P)
+            part = (*_weighted_column_sums(A, alpha[P.p0:P.p1], plan.block_rows),
+                    *_weighted_column_sums(B, beta[P.p0:P.p1], plan.block_rows))
+            sums = part if sums is None else tuple(s + q for s, q in zip(sums, part))
+            for _, i0, i1, j0, j1, m, _ in self._positive_tiles_of(b, P, plan):
+                corr = tile(b, P, P, i0, i1, j0, j1).double() - alpha[i0:i1, None] - beta[None, j0:j1]
+                corr = corr.masked_fill_(~m, 0.0).to(self.dtype)
+                Ai, Bj = A[P.local(i0, i1)], B[P.local(j0, j1)]
+                if b.pos.one_to_one:  # a diagonal tile: scale rows instead of multiplying by it
+                    c = ((Ai * corr.diagonal()[:, None]).T @ Bj).double()
+                else:
+                    c = (Ai.T @ (corr @ Bj)).double()
+                corrections = c if corrections is None else corrections.add_(c)
+        a_alpha, a_one, b_beta, b_one = sums
         out = torch.outer(a_alpha, b_one) + torch.outer(a_one, b_beta)
-        for i0, i1, j0, j1, m, _ in self._positive_tiles(b, plan):
-            corr = tile(b, i0, i1, j0, j1).double() - alpha[i0:i1, None] - beta[None, j0:j1]
-            corr = corr.masked_fill_(~m, 0.0).to(self.dtype)
-            if b.pos.one_to_one:  # a diagonal tile: scale rows instead of multiplying by it
-                out += ((A[i0:i1] * corr.diagonal()[:, None]).T @ B[j0:j1]).double()
-            else:
-                out += (A[i0:i1].T @ (corr @ B[j0:j1])).double()
+        if corrections is not None:
+            out += corrections
         self._report("product", 1, 1)
         return out
 
-    def _tile_exp(self, b: _Batch, i0, i1, j0, j1) -> torch.Tensor:
-        """A tile of −2n·S for ψ = exp."""
+    def _tile_exp(self, b: _Batch, P: _Panel, Q: _Panel, i0, i1, j0, j1) -> torch.Tensor:
+        """A tile of −2n·S for ψ = exp; rows i0:i1 from panel P, columns j0:j1 from Q."""
         st = b.stats
+        zx, zy = P.zx[P.local(i0, i1)], Q.zy[Q.local(j0, j1)]
         if st["direct"]:
-            e = torch.mm(b.zx[i0:i1], b.zy[j0:j1].T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
+            e = torch.mm(zx, zy.T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
             g = torch.mul(e, st["alpha"][i0:i1, None], out=self._buffer("g", i1 - i0, j1 - j0))
             g.addcmul_(e, st["beta"][None, j0:j1])
         else:
-            t = b.zx[i0:i1] @ b.zy[j0:j1].T
+            t = zx @ zy.T
             g = torch.exp(t + st["la_row"][i0:i1, None])
             g += t.add_(st["la_col"][None, j0:j1]).exp_()
         pos = b.pos
@@ -463,24 +673,24 @@ class CrossProductOperator:
             if pos.one_to_one:
                 li, lj = pos.diagonal(i0, i1, j0, j1)
                 r, c = li + i0, lj + j0
-                t64 = (b.zx[r].double() * b.zy[c].double()).sum(1)
+                t64 = (zx[li].double() * zy[lj].double()).sum(1)
                 sig_r = torch.exp(t64 - torch.logaddexp(st["lneg_row"][r], t64))
                 sig_c = torch.exp(t64 - torch.logaddexp(st["lneg_col"][c], t64))
                 g[li, lj] = -((nu - sig_r) + (nu - sig_c)).to(g.dtype)
             else:
                 m = pos.mask(i0, i1, j0, j1)
-                t64 = b.zx[i0:i1].double() @ b.zy[j0:j1].double().T
+                t64 = zx.double() @ zy.double().T
                 sig_r = torch.exp(t64 - torch.logaddexp(st["lneg_row"][i0:i1, None], t64))
                 sig_c = torch.exp(t64 - torch.logaddexp(st["lneg_col"][None, j0:j1], t64))
                 q = (nu - sig_r) * inv[i0:i1, None] + (nu - sig_c) * inv[None, j0:j1]
                 g = torch.where(m, (-q).to(g.dtype), g)
         return g
 
-    def _tile_general(self, b: _Batch, i0, i1, j0, j1) -> torch.Tensor:
+    def _tile_general(self, b: _Batch, P: _Panel, Q: _Panel, i0, i1, j0, j1) -> torch.Tensor:
         """A tile of −2n·S = 2n·∂L/∂s for a general ψ."""
         st, pos, lf = b.stats, b.pos, self.loss_fn
         nu = lf.nu
-        s = b.zx[i0:i1] @ b.zy[j0:j1].T
+        s = P.zx[P.local(i0, i1)] @ Q.zy[Q.local(j0, j1)].T
         g = torch.zeros_like(s)
         for q in range(int(pos.size[i0:i1].max())):
             g += st["c_row"][i0:i1, q, None] * lf.dpsi(s - nu * st["spos_row"][i0:i1, q, None])
@@ -500,17 +710,37 @@ class CrossProductOperator:
     # --------------------------------------------------------- public products
     def materialize(self) -> torch.Tensor:
         """C = Φ_Xᵀ S Φ_Y, float64 (m_x × m_y)."""
-        return self.cross(self.phi_x, self.phi_y)
+        return self._product()
 
     def matmul(self, omega) -> torch.Tensor:
         """C Ω without forming C: Φ_Xᵀ S (Φ_Y Ω); Ω has shape (m_y, k)."""
         omega = torch.as_tensor(omega, device=self.device).to(self.dtype)
-        return self.cross(self.phi_x, self.phi_y @ omega)
+        return self._product(omega_y=omega)
 
     def rmatmul(self, omega) -> torch.Tensor:
         """Cᵀ Ω without forming C: (Ωᵀ Φ_Xᵀ S Φ_Y)ᵀ; Ω has shape (m_x, k)."""
         omega = torch.as_tensor(omega, device=self.device).to(self.dtype)
-        return self.cross(self.phi_x @ omega, self.phi_y).T
+        return self._product(omega_x=omega).T
+
+
+def _cut_panels(sorted_labels, n: int, panel_rows: int) -> list[tuple[int, int]]:
+    """Consecutive position ranges of at most ``panel_rows`` that never split a group.
+
+    A group larger than ``panel_rows`` gets a panel of its own, of its size.
+    """
+    if n <= panel_rows:
+        return [(0, n)]
+    if sorted_labels is None:
+        return [(p, min(p + panel_rows, n)) for p in range(0, n, panel_rows)]
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(sorted_labels)) + 1, [n]])
+    panels, p0 = [], 0
+    while p0 < n:
+        # the last group start within reach, or the end of p0's group when it is too big
+        k = np.searchsorted(starts, p0 + panel_rows, side="right") - 1
+        p1 = int(starts[k]) if starts[k] > p0 else int(starts[np.searchsorted(starts, p0, side="right")])
+        panels.append((p0, p1))
+        p0 = p1
+    return panels
 
 
 def _logsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
