@@ -363,3 +363,220 @@ def test_non_finite_on_disk_named(tmp_path):
     zarr.open_group(s.path, mode="r+")["x"][6, 0] = np.nan
     with pytest.raises(ValueError, match=r"array 'x' chunk 1 \(key 'x/c/1/0', rows 4–7\).*non-finite.*\[6\]"):
         PairStore.open(s.path).read(slice(None))
+
+
+# ------------------------------------------------------------------ labels
+def _labelled(tmp_path, n=10, names=("a", "b", "c"), groups=False):
+    s = PairStore.create(tmp_path / "l.zarr", DX, DY, groups=groups, chunk_rows=CH, labels=True,
+                         label_names=None if names is None else list(names))
+    if n:
+        x, y = _pairs(n)
+        s.append(x, y, np.arange(n) // 2 if groups else None, labels=np.arange(n) % 3)
+    return s
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_labels_round_trip(tmp_path, groups):
+    s = _labelled(tmp_path, n=10, groups=groups)
+    assert s.append(*_pairs(3, seed=1), np.zeros(3, int) if groups else None,
+                    labels=np.array([2, 2, 0], dtype=np.uint8)) == (10, 13)
+    r = PairStore.open(s.path)
+    want = np.concatenate([np.arange(10) % 3, [2, 2, 0]])
+    assert r.has_labels and r.label_names == ["a", "b", "c"] and "has_labels=True" in repr(r)
+    lab = r.read_labels()
+    assert lab.dtype == np.int64
+    np.testing.assert_array_equal(lab, want)
+    np.testing.assert_array_equal(r.read_labels(np.array([12, 0, -1])), want[[12, 0, -1]])
+    np.testing.assert_array_equal(r.read_labels(slice(2, 11, 4)), want[2:11:4])
+    assert r.read_labels(4) == want[4] and r.read_labels([]).shape == (0,)
+    assert len(r.read()) == 3  # read() keeps (x, y, groups)
+    assert zarr.open_group(s.path, mode="r")["labels"].chunks == (CH,)
+    with pytest.raises(IndexError, match="out of range"):
+        r.read_labels(13)
+
+
+def test_labels_without_names_and_set_later(tmp_path):
+    s = _labelled(tmp_path, n=0, names=None)
+    assert s.label_names is None
+    s.append(*_pairs(6), labels=np.array([0, 1, 7, 1, -2, 0]))  # any int64 while unnamed
+    with pytest.raises(ValueError, match=r"committed labels outside \[0, 3\) in rows 2, 4; cannot set 3"):
+        s.set_label_names(["a", "b", "c"])
+    assert PairStore.open(s.path).label_names is None
+    s2 = _labelled(tmp_path / "b", n=10, names=None)
+    s2.set_label_names(("u", "v", "w"))
+    assert PairStore.open(s2.path).label_names == ["u", "v", "w"]
+    s2.set_label_names(None)
+    assert PairStore.open(s2.path).label_names is None
+    with pytest.raises(PermissionError, match="read-only"):
+        PairStore.open(s2.path).set_label_names(["a"])
+
+
+@pytest.mark.parametrize("labels,exc,match", [
+    (None, ValueError, "has labels: pass labels="),
+    (np.zeros(8), TypeError, "labels must be integer labels, got dtype float64"),
+    (np.zeros(7, int), ValueError, r"labels must be 1-D with one label per row \(8\), got shape \(7,\)"),
+    (np.array([0, 1, 2, 3, 0, -1, 0, 0]), ValueError,
+     r"labels must lie in \[0, 3\) .*out of range in rows 13, 15 \(of this append: 3, 5\)"),
+])
+def test_bad_labels_write_nothing(tmp_path, labels, exc, match):
+    s = _labelled(tmp_path, n=10)
+    before = s.read_labels()
+    with pytest.raises(exc, match=match):
+        s.append(*_pairs(8, seed=4), labels=labels)
+    assert len(s) == 10 and len(PairStore.open(s.path)) == 10
+    grp = zarr.open_group(s.path, mode="r")
+    assert grp["x"].shape[0] == grp["labels"].shape[0] == 10  # validated before any write
+    np.testing.assert_array_equal(PairStore.open(s.path).read_labels(), before)
+
+
+def test_labels_on_unlabelled_store_and_bad_names(tmp_path):
+    s = _store(tmp_path, n=4)
+    assert not s.has_labels and s.label_names is None
+    with pytest.raises(ValueError, match="created without labels; do not pass labels="):
+        s.append(*_pairs(2), labels=[0, 1])
+    with pytest.raises(ValueError, match="has no labels"):
+        s.read_labels()
+    with pytest.raises(ValueError, match="created without labels"):
+        s.set_label_names(["a"])
+    with pytest.raises(ValueError, match="label_names needs a store with labels=True"):
+        PairStore.create(tmp_path / "n.zarr", DX, DY, label_names=["a"])
+    for bad, exc in (("abc", TypeError), ([1, 2], TypeError), ([], ValueError)):
+        with pytest.raises(exc, match="label_names"):
+            PairStore.create(tmp_path / "n.zarr", DX, DY, labels=True, label_names=bad)
+    assert len(s) == 4
+
+
+def test_missing_labels_chunk_named(tmp_path):
+    s = _labelled(tmp_path, n=10)
+    (s.path / "labels" / "c" / "1").unlink()
+    r = PairStore.open(s.path)
+    with pytest.raises(ValueError, match=r"array 'labels' chunk 1 \(key 'labels/c/1', rows 4–7\) is missing"):
+        r.read_labels()
+    with pytest.raises(ValueError, match=r"array 'labels' chunk 1"):
+        r.read_labels([5])
+    np.testing.assert_array_equal(r.read_labels(slice(0, 4)), np.arange(4) % 3)
+    r.read()  # x and y are intact
+
+
+def test_old_store_without_new_attrs_opens(tmp_path):
+    """A store written before labels/aux existed has none of their attributes."""
+    s = _store(tmp_path, n=5, groups=True)
+    meta_path = s.path / "zarr.json"
+    import json
+    meta = json.loads(meta_path.read_text())
+    for k in ("has_labels", "label_names", "aux", "history"):
+        del meta["attributes"][k]
+    meta_path.write_text(json.dumps(meta))
+    r = PairStore.open(s.path, mode="r+")
+    assert not r.has_labels and r.label_names is None and r.array_names() == [] and r.history == []
+    r.append(*_pairs(2, groups=True))
+    r.put_array("extra", np.ones(3))
+    assert len(PairStore.open(s.path)) == 7 and PairStore.open(s.path).array_names() == ["extra"]
+
+
+# ------------------------------------------------------------------ auxiliary arrays
+def test_aux_round_trip_replace_and_delete(tmp_path):
+    s = _labelled(tmp_path, n=4)
+    emb = np.random.default_rng(0).standard_normal((3, DY))
+    s.put_array("label_embeddings_y", emb, attrs={"prompt": "a photo of a {}"})
+    s.put_array("counts", np.array([4, 0, 2], dtype=np.int32))
+    s.put_array("empty", np.zeros((0, 2)))
+    r = PairStore.open(s.path)
+    assert r.array_names() == ["counts", "empty", "label_embeddings_y"]
+    got = r.get_array("label_embeddings_y")
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, emb)
+    assert r.array_attrs("label_embeddings_y") == {"prompt": "a photo of a {}"}
+    assert r.get_array("counts").dtype == np.int32 and r.get_array("empty").shape == (0, 2)
+    s.put_array("label_embeddings_y", emb[:2] * 2)  # replace: old data deleted after the commit
+    np.testing.assert_array_equal(PairStore.open(s.path).get_array("label_embeddings_y"), emb[:2] * 2)
+    nodes = sorted(p.name for p in (s.path / "aux").iterdir() if p.is_dir())
+    assert len(nodes) == 3 and sum(n.startswith("label_embeddings_y-") for n in nodes) == 1
+    s.delete_array("counts")
+    assert PairStore.open(s.path).array_names() == ["empty", "label_embeddings_y"]
+    with pytest.raises(KeyError, match=r"no auxiliary array 'counts'; it has \['empty', 'label_embeddings_y'\]"):
+        PairStore.open(s.path).get_array("counts")
+    with pytest.raises(PermissionError, match="read-only"):
+        r.put_array("z", np.ones(2))
+    assert len(r) == 4 and r.read_labels().shape == (4,)
+
+
+@pytest.mark.parametrize("name,array,exc,match", [
+    ("Bad-Name", np.ones(2), ValueError, r"must match \[a-z0-9_\]\+"),
+    ("", np.ones(2), ValueError, "must match"),
+    ("labels", np.ones(2), ValueError, "clashes with the store's own arrays"),
+    ("x", np.ones(2), ValueError, "clashes"),
+    ("emb", np.array([[1.0, np.nan], [0, 0], [np.inf, 1]]), ValueError, r"'emb' has non-finite values in rows \[0, 2\]"),
+    ("emb", np.array(["a", "b"]), TypeError, "must be numeric"),
+    ("emb", np.float64(1.0), ValueError, "at least one dimension"),
+])
+def test_aux_bad_input(tmp_path, name, array, exc, match):
+    s = _store(tmp_path, n=2)
+    s.put_array("keep", np.arange(3.0))
+    with pytest.raises(exc, match=match):
+        s.put_array(name, array)
+    r = PairStore.open(s.path)
+    assert r.array_names() == ["keep"]
+    assert [p.name.split("-")[0] for p in (s.path / "aux").iterdir() if p.is_dir()] == ["keep"]
+
+
+def test_aux_bad_attrs(tmp_path):
+    s = _store(tmp_path, n=0)
+    with pytest.raises(TypeError, match="attrs of auxiliary array 'emb' must be JSON"):
+        s.put_array("emb", np.ones(2), attrs={"f": object()})
+    assert s.array_names() == []
+
+
+def test_aux_interrupted_put_keeps_old_version(tmp_path, monkeypatch):
+    s = _store(tmp_path, n=2)
+    s.put_array("emb", np.ones((2, 3)))
+
+    def dying(self, new):
+        raise KeyboardInterrupt("killed before the commit")
+
+    monkeypatch.setattr(PairStore, "_update_attrs", dying)
+    with pytest.raises(KeyboardInterrupt):
+        s.put_array("emb", np.zeros((5, 3)))
+    monkeypatch.undo()
+    r = PairStore.open(s.path, mode="r+")
+    np.testing.assert_array_equal(r.get_array("emb"), np.ones((2, 3)))  # still the old version
+    assert len([p for p in (s.path / "aux").iterdir() if p.is_dir()]) == 2  # the orphan
+    r.put_array("other", np.ones(1))  # the next put removes orphans
+    assert sorted(p.name.split("-")[0] for p in (s.path / "aux").iterdir() if p.is_dir()) == ["emb", "other"]
+    np.testing.assert_array_equal(r.get_array("emb"), np.ones((2, 3)))
+
+
+def test_aux_missing_or_corrupt_named(tmp_path):
+    s = _store(tmp_path, n=2)
+    s.put_array("emb", np.arange(6.0).reshape(2, 3))
+    path = s.attrs["aux"]["emb"]["path"]
+    chunk = s.path / path / "c" / "0" / "0"
+    data = chunk.read_bytes()
+    chunk.unlink()
+    with pytest.raises(ValueError, match=rf"auxiliary array 'emb' \({path}\): chunk file .* not found"):
+        PairStore.open(s.path).get_array("emb")
+    chunk.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"auxiliary array 'emb' .* is corrupt"):
+        PairStore.open(s.path).get_array("emb")
+    shutil.rmtree(s.path / path)
+    with pytest.raises(ValueError, match=r"auxiliary array 'emb' .* is missing"):
+        PairStore.open(s.path).get_array("emb")
+
+
+def test_history_records(tmp_path):
+    s = _store(tmp_path, n=2)
+    s.add_history({"kind": "ingest", "rows": [0, 2]})
+    assert PairStore.open(s.path).history == [{"kind": "ingest", "rows": [0, 2]}]
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        s.add_history({"bad": object()})
+    assert len(PairStore.open(s.path).history) == 1
+
+
+def test_read_groups_alone(tmp_path):
+    s = _store(tmp_path, n=10, groups=True)
+    g = s.read()[2]
+    np.testing.assert_array_equal(s.read_groups(), g)
+    np.testing.assert_array_equal(s.read_groups([9, 1]), g[[9, 1]])
+    assert s.read_groups(3) == g[3]
+    with pytest.raises(ValueError, match="has no groups"):
+        _store(tmp_path / "b", n=2).read_groups()

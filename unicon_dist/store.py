@@ -1,10 +1,21 @@
-"""Paired feature rows on disk: a Zarr v3 group with arrays ``x``, ``y`` and optional ``groups``.
+"""Paired feature rows on disk: a Zarr v3 group with arrays ``x``, ``y`` and optional ``groups``, ``labels``.
 
-Layout: ``x`` (n, dim_x) and ``y`` (n, dim_y) in one float dtype, ``groups`` (n,) int64,
-all chunked by rows only (one chunk = ``chunk_rows`` full rows, zstd with a frame checksum).
-The chunks are the shards that streaming passes and workers read.  The group attributes
-hold the schema (format, schema_version, dims, dtype, chunk_rows), provenance, the append
-log and ``n_rows``, the committed row count.
+Layout: ``x`` (n, dim_x) and ``y`` (n, dim_y) in one float dtype, ``groups`` (n,) int64
+(which rows are positives of each other) and ``labels`` (n,) int64 (a class per row, for
+evaluation and zero-shot classification), all chunked by rows only (one chunk =
+``chunk_rows`` full rows, zstd with a frame checksum).  The chunks are the shards that
+streaming passes and workers read.  The group attributes hold the schema (format,
+schema_version, dims, dtype, chunk_rows, has_groups, has_labels), ``label_names``,
+provenance, the append log, the ingest history, the registry of auxiliary arrays and
+``n_rows``, the committed row count.  Stores written before labels and auxiliary arrays
+existed lack those attributes and read as having neither.
+
+Auxiliary arrays.  Small per-store side arrays (e.g. ``label_embeddings_y``, one y-side
+vector per class) live under ``aux/`` as ``aux/<name>-<random hex>``; the ``aux``
+attribute maps each name to its current path.  :meth:`PairStore.put_array` writes a new
+array under a fresh path and then makes it visible by rewriting that attribute, so a
+reader sees the old version or the new one, never a partial write; the replaced version
+(and any orphan left by an interrupted put) is deleted afterwards.
 
 Commit protocol.  ``append`` validates everything first, writes the new rows past
 ``n_rows`` (growing the arrays as needed), and only then rewrites the group attributes
@@ -29,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,6 +58,10 @@ _MIN_CHUNK_BYTES = 2**20
 _WRITE_CONFIG = {"write_empty_chunks": True}
 # what decoding a damaged chunk raises: numcodecs zstd -> RuntimeError, bad sizes -> ValueError
 _DECODE_ERRORS = (RuntimeError, ValueError, OSError)
+_ROW_ARRAYS = ("x", "y", "groups", "labels")
+_AUX_NAME = re.compile(r"[a-z0-9_]+")
+_AUX_GROUP = "aux"
+_AUX_CHUNK_BYTES = 4 * 2**20
 
 
 def default_chunk_rows(dim_x: int, dim_y: int, dtype="float32") -> int:
@@ -73,6 +90,30 @@ def _bad_rows(a: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(a).all(axis=1))
 
 
+def _check_label_names(names) -> list[str]:
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"label_names must be a list of str, got {type(names).__name__}")
+    names = list(names)
+    bad = [i for i, v in enumerate(names) if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"label_names must be a list of str; entry {bad[0]} is {names[bad[0]]!r}")
+    if not names:
+        raise ValueError("label_names must name at least one class")
+    return names
+
+
+def _check_int_rows(name: str, a, n: int) -> np.ndarray:
+    """One integer per row as int64, or a TypeError/ValueError naming ``name``."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integer labels, got dtype {a.dtype}")
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D with one label per row ({n}), got shape {a.shape}")
+    if a.dtype.kind == "u" and n and a.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} labels do not fit in int64")
+    return a.astype(np.int64)
+
+
 async def _exist_all(store, keys):
     return await asyncio.gather(*(store.exists(k) for k in keys))
 
@@ -96,8 +137,8 @@ class PairStore:
         self._group = group
         self._attrs = group.attrs.asdict()
         self._arrays = {}
-        for name, tail in (("x", (self.dim_x,)), ("y", (self.dim_y,)), ("groups", ())):
-            if name == "groups" and not self.has_groups:
+        for name, tail in (("x", (self.dim_x,)), ("y", (self.dim_y,)), ("groups", ()), ("labels", ())):
+            if (name == "groups" and not self.has_groups) or (name == "labels" and not self.has_labels):
                 continue
             if name not in group:
                 raise ValueError(f"pair store {self.path}: array {name!r} is missing")
@@ -110,7 +151,8 @@ class PairStore:
     @classmethod
     def create(cls, path, dim_x: int, dim_y: int, *, dtype="float32", groups: bool = False,
                chunk_rows: int | None = None, provenance: dict | None = None,
-               overwrite: bool = False) -> "PairStore":
+               overwrite: bool = False, labels: bool = False,
+               label_names: list[str] | None = None) -> "PairStore":
         """Create an empty store at the local directory ``path``.
 
         Parameters
@@ -130,6 +172,13 @@ class PairStore:
         overwrite : bool
             Replace an existing pair store at ``path``.  A non-empty directory that is not
             a pair store is never replaced.
+        labels : bool
+            Whether rows carry an int64 class label (array ``labels``, read with
+            :meth:`read_labels`), for evaluation and zero-shot classification.
+        label_names : list of str, optional
+            Class names; label ``k`` is ``label_names[k]``, and appended labels must then
+            lie in ``[0, len(label_names))``.  Needs ``labels=True``; may also be set
+            later with :meth:`set_label_names`.
         """
         path = Path(path)
         dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
@@ -140,6 +189,10 @@ class PairStore:
         for name, v in (("dim_x", dim_x), ("dim_y", dim_y), ("chunk_rows", chunk_rows)):
             if not _positive_int(v):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if label_names is not None:
+            label_names = _check_label_names(label_names)
+            if not labels:
+                raise ValueError("label_names needs a store with labels=True")
         provenance = dict(provenance or {})
         try:
             json.dumps(provenance)
@@ -153,15 +206,17 @@ class PairStore:
         attrs = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "dim_x": int(dim_x),
                  "dim_y": int(dim_y), "dtype": dtype, "has_groups": bool(groups),
                  "chunk_rows": int(chunk_rows), "n_rows": 0, "provenance": provenance,
-                 "created": _now(), "appends": []}
+                 "created": _now(), "appends": [], "has_labels": bool(labels),
+                 "label_names": label_names, "aux": {}, "history": []}
         group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
         zstd = zarr.codecs.ZstdCodec(level=3, checksum=True)
         for name, d in (("x", dim_x), ("y", dim_y)):
             group.create_array(name, shape=(0, int(d)), chunks=(int(chunk_rows), int(d)), dtype=dtype,
                                fill_value=np.nan, compressors=zstd, config=_WRITE_CONFIG)
-        if groups:
-            group.create_array("groups", shape=(0,), chunks=(int(chunk_rows),), dtype="int64",
-                               fill_value=0, compressors=zstd, config=_WRITE_CONFIG)
+        for name, wanted in (("groups", groups), ("labels", labels)):
+            if wanted:
+                group.create_array(name, shape=(0,), chunks=(int(chunk_rows),), dtype="int64",
+                                   fill_value=0, compressors=zstd, config=_WRITE_CONFIG)
         return cls(path, group, "r+")
 
     @classmethod
@@ -196,7 +251,8 @@ class PairStore:
 
     def __repr__(self) -> str:
         return (f"PairStore({str(self.path)!r}, n_rows={len(self)}, dim_x={self.dim_x}, "
-                f"dim_y={self.dim_y}, dtype={self.dtype!r}, has_groups={self.has_groups})")
+                f"dim_y={self.dim_y}, dtype={self.dtype!r}, has_groups={self.has_groups}, "
+                f"has_labels={self.has_labels})")
 
     dim_x = property(lambda self: int(self._attrs["dim_x"]), doc="Columns of ``x``.")
     dim_y = property(lambda self: int(self._attrs["dim_y"]), doc="Columns of ``y``.")
@@ -205,19 +261,87 @@ class PairStore:
     chunk_rows = property(lambda self: int(self._attrs["chunk_rows"]), doc="Rows per chunk (shard).")
     provenance = property(lambda self: dict(self._attrs["provenance"]), doc="Provenance given at creation.")
     attrs = property(lambda self: json.loads(json.dumps(self._attrs)), doc="Copy of all group attributes.")
+    has_labels = property(lambda self: bool(self._attrs.get("has_labels", False)),
+                          doc="Whether rows carry class labels (array ``labels``).")
 
-    # ------------------------------------------------------------------ writing
-    def append(self, x, y, groups=None, *, source: str | None = None) -> tuple[int, int]:
-        """Validate and append rows; returns the new committed row range ``(start, stop)``.
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names (label ``k`` is ``label_names[k]``), or None when not set."""
+        names = self._attrs.get("label_names")
+        return None if names is None else list(names)
 
-        Nothing is written unless all of ``x``, ``y`` and ``groups`` pass: 2-D numeric
-        arrays with equal row counts and the store's dims, finite after casting to the
-        store dtype, and one integer label per row iff the store has groups.
-        """
+    @property
+    def history(self) -> list[dict]:
+        """Records added with :meth:`add_history` (e.g. one per ingest run), oldest first."""
+        return json.loads(json.dumps(self._attrs.get("history", [])))
+
+    def _require_writable(self) -> None:
         if self.mode == "r":
             raise PermissionError(f"pair store {self.path} is open read-only; open it with mode='r+'")
+
+    def _update_attrs(self, new: dict) -> None:
+        self._group.update_attributes(new)
+        self._attrs = self._group.attrs.asdict()
+
+    def set_label_names(self, names: list[str] | None) -> None:
+        """Set (or with None, remove) the class names, in one atomic attribute update.
+
+        The committed labels are checked first (chunk by chunk): every one must lie in
+        ``[0, len(names))``.
+
+        Raises
+        ------
+        ValueError
+            If the store has no labels, or a committed label is out of range (the error
+            names the rows).
+        """
+        self._require_writable()
+        if names is not None:
+            names = _check_label_names(names)
+            if not self.has_labels:
+                raise ValueError(f"pair store {self.path} was created without labels; label_names needs labels")
+            k = len(names)
+            shown, n_bad = [], 0
+            for a in range(0, len(self), self.chunk_rows):  # chunk by chunk: O(chunk) memory
+                b = min(len(self), a + self.chunk_rows)
+                lab = self._read_array("labels", slice(a, b), np.arange(a, b), [a // self.chunk_rows])
+                bad = np.flatnonzero((lab < 0) | (lab >= k))
+                shown += (bad[:5 - len(shown)] + a).tolist()
+                n_bad += bad.size
+            if n_bad:
+                raise ValueError(f"pair store {self.path}: committed labels outside [0, {k}) in rows "
+                                 f"{', '.join(map(str, shown))}{f' and {n_bad - 5} more' if n_bad > 5 else ''};"
+                                 f" cannot set {k} label_names")
+        self._update_attrs({"label_names": names})
+
+    def add_history(self, record: dict) -> None:
+        """Append a JSON-serialisable record to :attr:`history` (one attribute update).
+
+        Used by :func:`unicon_dist.ingest.ingest` to log each run: sources, sizes, time,
+        command and rows written.  Does not change the committed rows.
+        """
+        self._require_writable()
+        try:
+            record = json.loads(json.dumps(dict(record)))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"history record must be a JSON-serialisable dict: {exc}") from None
+        self._update_attrs({"history": list(self._attrs.get("history", [])) + [record]})
+
+    # ------------------------------------------------------------------ writing
+    def append(self, x, y, groups=None, *, labels=None, source: str | None = None) -> tuple[int, int]:
+        """Validate and append rows; returns the new committed row range ``(start, stop)``.
+
+        Nothing is written unless all of ``x``, ``y``, ``groups`` and ``labels`` pass:
+        2-D numeric arrays with equal row counts and the store's dims, finite after
+        casting to the store dtype, one integer group per row iff the store has groups,
+        and one integer label per row iff the store has labels (within
+        ``[0, len(label_names))`` when :attr:`label_names` is set).  All arrays are
+        committed together by one attribute update.
+        """
+        self._require_writable()
         start = len(self)
         data = self._validate(x, y, groups, start)
+        data.update(self._validate_labels(labels, data["x"].shape[0], start))
         n = data["x"].shape[0]
         if n == 0:
             return start, start
@@ -227,8 +351,7 @@ class PairStore:
         log = list(self._attrs["appends"]) + [{"rows": [start, stop], "time": _now()}]
         if source is not None:
             log[-1]["source"] = str(source)
-        self._group.update_attributes({"n_rows": stop, "appends": log})  # the commit point
-        self._attrs = self._group.attrs.asdict()
+        self._update_attrs({"n_rows": stop, "appends": log})  # the commit point
         return start, stop
 
     def _write(self, name: str, start: int, data: np.ndarray) -> None:
@@ -266,15 +389,22 @@ class PairStore:
                              if self.has_groups else
                              f"pair store {self.path} was created without groups; do not pass groups=")
         if groups is not None:
-            g = np.asarray(groups)
-            if g.dtype.kind not in "iu":
-                raise TypeError(f"groups must be integer labels, got dtype {g.dtype}")
-            if g.ndim != 1 or g.shape[0] != n:
-                raise ValueError(f"groups must be 1-D with one label per row ({n}), got shape {g.shape}")
-            if g.dtype.kind == "u" and n and g.max() > np.iinfo(np.int64).max:
-                raise ValueError("groups labels do not fit in int64")
-            out["groups"] = g.astype(np.int64)
+            out["groups"] = _check_int_rows("groups", groups, n)
         return out
+
+    def _validate_labels(self, labels, n: int, offset: int) -> dict:
+        if self.has_labels != (labels is not None):
+            raise ValueError(f"pair store {self.path} has labels: pass labels= with one label per row"
+                             if self.has_labels else
+                             f"pair store {self.path} was created without labels; do not pass labels=")
+        if labels is None:
+            return {}
+        lab = _check_int_rows("labels", labels, n)
+        names = self.label_names
+        if names is not None and (bad := np.flatnonzero((lab < 0) | (lab >= len(names)))).size:
+            raise ValueError(f"labels must lie in [0, {len(names)}) (the store has {len(names)} "
+                             f"label_names); out of range in {_rows_text(bad, offset)}")
+        return {"labels": lab}
 
     # ------------------------------------------------------------------ reading
     def read(self, rows=slice(None)):
@@ -283,12 +413,44 @@ class PairStore:
         ``rows`` is a slice, an integer, an integer array (any order, repeats and negative
         indices allowed) or a boolean mask of length ``len(self)``.
         """
+        sel, scalar = self._selection(rows)
+        out = self._read(sel)
+        return tuple(None if a is None else (a[0] if scalar else a) for a in out)
+
+    def read_labels(self, rows=slice(None)) -> np.ndarray:
+        """Committed class labels (int64) of ``rows``, selected as in :meth:`read`.
+
+        Raises
+        ------
+        ValueError
+            If the store has no labels, or a labels chunk is missing or corrupt (the
+            error names the chunk and its rows).
+        """
+        if not self.has_labels:
+            raise ValueError(f"pair store {self.path} has no labels (created with labels=False)")
+        sel, scalar = self._selection(rows)
+        out = self._read(sel, names=("labels",))[0]
+        return out[0] if scalar else out
+
+    def read_groups(self, rows=slice(None)) -> np.ndarray:
+        """Committed group labels (int64) of ``rows``, selected as in :meth:`read`.
+
+        Reads only the ``groups`` array (an out-of-core fit needs all n labels, not the rows).
+        """
+        if not self.has_groups:
+            raise ValueError(f"pair store {self.path} has no groups (created with groups=False)")
+        sel, scalar = self._selection(rows)
+        out = self._read(sel, names=("groups",))[0]
+        return out[0] if scalar else out
+
+    def _selection(self, rows):
+        """Normalise ``rows`` to a contiguous slice or an array of non-negative indices."""
         n = len(self)
         scalar = False
         if isinstance(rows, slice):
             start, stop, step = rows.indices(n)
             if step == 1:
-                return self._read(slice(start, max(start, stop)))
+                return slice(start, max(start, stop)), False
             idx = np.arange(start, stop, step)
         else:
             idx = np.asarray(rows)
@@ -305,8 +467,7 @@ class PairStore:
                 bad = idx[(idx < -n) | (idx >= n)]
                 raise IndexError(f"row index {int(bad[0])} out of range for pair store {self.path} with {n} rows")
             idx = np.where(idx < 0, idx + n, idx)
-        out = self._read(idx)
-        return tuple(None if a is None else (a[0] if scalar else a) for a in out)
+        return idx, scalar
 
     def iter_blocks(self, block_rows: int | None = None, start: int = 0, stop: int | None = None):
         """Yield ``(row_start, x, y, groups)`` over committed rows ``[start, stop)``.
@@ -327,7 +488,7 @@ class PairStore:
             yield (a, *self._read(slice(a, b)))
             a = b
 
-    def _read(self, sel):
+    def _read(self, sel, names=("x", "y", "groups")):
         if isinstance(sel, slice):
             rows = np.arange(sel.start, sel.stop)
             chunk_ids = range(sel.start // self.chunk_rows, -(-sel.stop // self.chunk_rows)) if rows.size else ()
@@ -335,7 +496,7 @@ class PairStore:
             rows = sel
             chunk_ids = np.unique(sel // self.chunk_rows).tolist()
         return tuple(self._read_array(name, sel, rows, chunk_ids) if name in self._arrays else None
-                     for name in ("x", "y", "groups"))
+                     for name in names)
 
     def _read_array(self, name: str, sel, rows: np.ndarray, chunk_ids) -> np.ndarray:
         arr = self._arrays[name]
@@ -371,6 +532,129 @@ class PairStore:
         key = self._key(self._arrays[name], chunk)
         return ValueError(f"pair store {self.path}: array {name!r} chunk {chunk} (key {key!r}, "
                           f"rows {a}\u2013{b}) is missing or corrupt: {cause}")
+
+    # ------------------------------------------------------------------ auxiliary arrays
+    def array_names(self) -> list[str]:
+        """Names of the auxiliary arrays, sorted."""
+        return sorted(self._attrs.get("aux", {}))
+
+    def array_attrs(self, name: str) -> dict:
+        """The ``attrs`` given to :meth:`put_array` for auxiliary array ``name``."""
+        return dict(self._aux_entry(name).get("attrs", {}))
+
+    def put_array(self, name: str, array, *, attrs: dict | None = None) -> None:
+        """Store (or replace) a small auxiliary array, atomically.
+
+        Parameters
+        ----------
+        name : str
+            Lower-case letters, digits and underscores (``[a-z0-9_]+``), not one of the
+            row arrays ``x``, ``y``, ``groups``, ``labels``; e.g. ``"label_embeddings_y"``
+            (n_classes, dim_y), the y-side representation of each class for zero-shot.
+        array : array-like of shape (n, ...)
+            Numeric (bool, integer or float) with at least one dimension; float values
+            must be finite.  Kept in its own dtype.
+        attrs : dict, optional
+            JSON-serialisable metadata, returned by :meth:`array_attrs`.
+
+        Notes
+        -----
+        The data are written under a fresh path first; one update of the group's ``aux``
+        attribute then makes them visible, so readers see the previous version or this
+        one, never a mix.  The previous version is deleted after that commit.
+        """
+        self._require_writable()
+        if not isinstance(name, str) or not _AUX_NAME.fullmatch(name):
+            raise ValueError(f"auxiliary array name must match [a-z0-9_]+, got {name!r}")
+        if name in _ROW_ARRAYS or name == _AUX_GROUP:
+            raise ValueError(f"auxiliary array name {name!r} clashes with the store's own arrays "
+                             f"{list(_ROW_ARRAYS)}")
+        a = np.asarray(array)
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"auxiliary array {name!r} must be numeric (bool, int or float), got dtype {a.dtype}")
+        if a.ndim < 1:
+            raise ValueError(f"auxiliary array {name!r} must have at least one dimension, got a scalar")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
+            raise ValueError(f"auxiliary array {name!r} has non-finite values in rows {bad[:5].tolist()}"
+                             f"{f' and {bad.size - 5} more' if bad.size > 5 else ''}")
+        try:
+            attrs = json.loads(json.dumps(dict(attrs or {})))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"attrs of auxiliary array {name!r} must be JSON-serialisable: {exc}") from None
+        registry = dict(self._attrs.get("aux", {}))
+        aux = self._group.require_group(_AUX_GROUP)
+        live = {e["path"].split("/", 1)[1] for e in registry.values()}
+        for orphan in set(aux.array_keys()) - live:  # left by an interrupted put_array
+            del aux[orphan]
+        node = f"{name}-{uuid.uuid4().hex[:12]}"
+        row_bytes = max(1, a.dtype.itemsize * math.prod(a.shape[1:]))
+        chunks = (max(1, min(a.shape[0], _AUX_CHUNK_BYTES // row_bytes)),) + tuple(max(1, d) for d in a.shape[1:])
+        arr = aux.create_array(node, shape=a.shape, chunks=chunks, dtype=a.dtype,
+                               fill_value=np.nan if a.dtype.kind == "f" else 0,
+                               compressors=zarr.codecs.ZstdCodec(level=3, checksum=True), config=_WRITE_CONFIG)
+        if a.size:
+            arr[...] = a
+        old = registry.get(name)
+        registry[name] = {"path": f"{_AUX_GROUP}/{node}", "shape": list(a.shape), "dtype": a.dtype.name,
+                          "attrs": attrs, "time": _now()}
+        self._update_attrs({"aux": registry})  # the commit point
+        if old is not None:
+            self._delete_node(old["path"])
+
+    def get_array(self, name: str) -> np.ndarray:
+        """Read auxiliary array ``name`` (stored by :meth:`put_array`).
+
+        Raises
+        ------
+        KeyError
+            If there is no such array (the message lists the ones there are).
+        ValueError
+            If its data are missing or corrupt on disk.
+        """
+        entry = self._aux_entry(name)
+        where = f"pair store {self.path}: auxiliary array {name!r} ({entry['path']})"
+        try:
+            arr = self._group[entry["path"]]
+        except KeyError:
+            raise ValueError(f"{where} is missing") from None
+        if list(arr.shape) != list(entry["shape"]):
+            raise ValueError(f"{where} has shape {arr.shape}, the registry says {tuple(entry['shape'])}")
+        if arr.size:
+            n_chunks = -(-arr.shape[0] // arr.chunks[0])
+            keys = [self._key(arr, c) for c in range(n_chunks)]
+            found = sync(_exist_all(arr.store_path.store, keys))
+            if not all(found):
+                raise ValueError(f"{where}: chunk file {keys[found.index(False)]!r} not found")
+        try:
+            out = arr[...]
+        except _DECODE_ERRORS as exc:
+            raise ValueError(f"{where} is corrupt: {exc}") from exc
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            raise ValueError(f"{where} holds non-finite values (a chunk is damaged)")
+        return out
+
+    def delete_array(self, name: str) -> None:
+        """Remove auxiliary array ``name`` (unregistered first, then its data deleted)."""
+        self._require_writable()
+        entry = self._aux_entry(name)
+        registry = dict(self._attrs.get("aux", {}))
+        del registry[name]
+        self._update_attrs({"aux": registry})
+        self._delete_node(entry["path"])
+
+    def _aux_entry(self, name: str) -> dict:
+        registry = self._attrs.get("aux", {})
+        if name not in registry:
+            raise KeyError(f"pair store {self.path} has no auxiliary array {name!r}; "
+                           f"it has {sorted(registry) or 'none'}")
+        return registry[name]
+
+    def _delete_node(self, path: str) -> None:
+        parent, _, node = path.rpartition("/")
+        grp = self._group[parent]
+        if node in grp:
+            del grp[node]
 
 
 def _positive_int(v) -> bool:
