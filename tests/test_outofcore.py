@@ -37,6 +37,7 @@ class SpyStore:
     def __init__(self, store):
         self._store = store
         self.reads = []
+        self.kinds = set()
 
     def __getattr__(self, name):
         return getattr(self._store, name)
@@ -46,6 +47,7 @@ class SpyStore:
 
     def read(self, rows):
         self.reads.append(np.arange(len(self))[rows].size)
+        self.kinds.add(type(rows).__name__)
         return self._store.read(rows)
 
 
@@ -70,6 +72,7 @@ CASES = [
     ("plain", dict(similarity="dot", temperature=2.0)),
     ("groups", dict()),
     ("plain", dict(negatives=256)),
+    ("plain", dict(negatives=128, batch_split="contiguous")),
     ("groups", dict(negatives=200, loss="sigmoid")),
     ("plain", dict(kernel="rbf", n_landmarks=40)),
     # matrix-free randomized SVD: C·Ω and Cᵀ·Ω stream the panels
@@ -102,6 +105,8 @@ def test_store_fit_equals_in_memory_fit(stores, name, options, budget):
     np.testing.assert_allclose([h["loss"] for h in model.history_], [h["loss"] for h in ref.history_], rtol=2e-6)
     assert model.initial_loss_ == pytest.approx(ref.initial_loss_, rel=1e-6)
     np.testing.assert_allclose(model.encode_x(X[:50]), ref.encode_x(X[:50]), atol=2e-4)
+    if name == "plain" and (options.get("batch_split") == "contiguous" or options == {}):
+        assert spy.kinds == {"slice"}  # panels of consecutive rows are read as ranges
     if "svd_power_iter" in options:
         assert model._matrix_free
 

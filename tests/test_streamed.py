@@ -445,3 +445,24 @@ def test_from_loader_constant_first_step_needs_one_sweep():
     C_ref, l_ref = dense_reference(phi_x, phi_y, zeros, zeros, "clip", 0.1)
     assert rel_err(op.materialize().numpy(), C_ref) < 1e-12
     assert op.loss == pytest.approx(l_ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("gkind", ["none", "shuffled"])
+def test_contiguous_batches_equal_dense(gkind):
+    n, B = 350, 64
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=21)
+    groups = make_groups(gkind, n, seed=3)
+    op = ud.CrossProductOperator(phi_x, phi_y, z_x, z_y, temperature=0.1, negatives=B, groups=groups,
+                                 batch_split="contiguous", block_rows=17, block_cols=29, panel_rows=150)
+    px, py, zx, zy = (np.asarray(a, dtype=np.float64) for a in (phi_x, phi_y, z_x, z_y))
+    C_ref, l_ref = np.zeros((7, 5)), 0.0
+    for a in range(0, n, B):  # consecutive rows, each batch weighted by its share of n
+        idx = np.arange(a, min(a + B, n))
+        g = None if groups is None else np.asarray(groups)[idx]
+        s_b = zx[idx] @ zy[idx].T
+        C_ref += px[idx].T @ ud.similarity_weights(s_b, temperature=0.1, groups=g) @ py[idx] * (len(idx) / n)
+        l_ref += ud.contrastive_loss(s_b, temperature=0.1, groups=g) * len(idx) / n
+    assert rel_err(op.materialize().numpy(), C_ref) < 1e-9
+    assert op.loss == pytest.approx(l_ref, rel=1e-10)
+    with pytest.raises(ValueError, match="batch_split must be one of"):
+        ud.CrossProductOperator(phi_x, phi_y, z_x, z_y, negatives=B, batch_split="sorted")

@@ -69,6 +69,11 @@ class UniCon:
     negatives : "full" or int
         All n² pairs, or a seeded split into batches of this size (one global SVD of
         the block-diagonal problem).
+    batch_split : {"random", "contiguous"}
+        How ``negatives=B`` forms its batches: a seeded random permutation of the rows,
+        or runs of consecutive rows (for rows stored in random order).  From a store,
+        "random" batches make every panel read touch every chunk; "contiguous" ones
+        read each row once per pass.
     similarity : {"cosine", "dot"}
         Cosine: embeddings are L2-normalised; each step linearises at the current
         encoders by scaling row i of Φ_X by 1/‖f(x_i)‖ (and Φ_Y likewise).
@@ -148,6 +153,7 @@ class UniCon:
         nu: float = 1.0,
         rho: float = 1.0,
         negatives="full",
+        batch_split: str = "random",
         similarity: str = "cosine",
         factorization: str = "orthonormal",
         ridge: float = 0.0,
@@ -174,6 +180,7 @@ class UniCon:
         self.nu = nu
         self.rho = rho
         self.negatives = negatives
+        self.batch_split = batch_split
         self.similarity = similarity
         self.factorization = factorization
         self.ridge = ridge
@@ -191,7 +198,7 @@ class UniCon:
     # ------------------------------------------------------------ parameters
     _PARAMS = (
         "rank", "kernel", "kernel_x", "kernel_y", "n_landmarks", "landmarks", "eig_floor", "loss", "temperature",
-        "nu", "rho", "negatives", "similarity", "factorization", "ridge", "max_iter", "tol", "svd",
+        "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "max_iter", "tol", "svd",
         "svd_oversampling", "svd_power_iter", "seed", "device", "dtype", "memory_budget", "verbose",
     )
 
@@ -230,7 +237,7 @@ class UniCon:
         loss_fn = get_loss(self.loss, temperature=self.temperature, nu=self.nu)
         if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
-        make_batches(2, self.negatives)  # validates the value
+        make_batches(2, self.negatives, split=self.batch_split)  # validates both values
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.factorization not in FACTORIZATIONS:
@@ -341,7 +348,8 @@ class UniCon:
 
             return executor.cross_product_operator(
                 loader, n, (mx, my), 1 if F1 is None else int(self.rank), plan=self.plan_,
-                loss=self.loss_fn_, negatives=self.negatives, groups=groups, seed=self.seed,
+                loss=self.loss_fn_, negatives=self.negatives, batch_split=self.batch_split, groups=groups,
+                seed=self.seed,
                 constant=F1 is None, norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None,
                 device=device, dtype=dtype, progress=LogProgress(logger) if self.verbose else None,
             )
@@ -468,7 +476,8 @@ class UniCon:
     def _operator(self, phi_x, phi_y, F1, F2, groups) -> CrossProductOperator:
         """S(γ) at the current encoders over in-memory features; F1 = None means s = 0."""
         return CrossProductOperator(
-            *self._embed(phi_x, phi_y, F1, F2), loss=self.loss_fn_, negatives=self.negatives, groups=groups,
+            *self._embed(phi_x, phi_y, F1, F2), loss=self.loss_fn_, negatives=self.negatives,
+            batch_split=self.batch_split, groups=groups,
             seed=self.seed, memory_budget=self.memory_budget,
             progress=LogProgress(logger) if self.verbose else None,
         )

@@ -39,12 +39,20 @@ __all__ = ["CrossProductOperator", "weighted_cross_product", "make_batches"]
 _NEG_INF = -math.inf
 
 
-def make_batches(n: int, negatives, seed: int = 0) -> list[np.ndarray] | None:
-    """Row batches for ``negatives``: None for "full", else a seeded split into batches of B.
+BATCH_SPLITS = ("random", "contiguous")
 
-    The rows are permuted with ``np.random.default_rng(seed).permutation(n)`` and cut
-    into consecutive batches of ``negatives`` rows (the last may be smaller).
+
+def make_batches(n: int, negatives, seed: int = 0, split: str = "random") -> list[np.ndarray] | None:
+    """Row batches for ``negatives``: None for "full", else a split into batches of B rows.
+
+    ``split="random"``: the rows are permuted with ``np.random.default_rng(seed).permutation(n)``
+    and cut into consecutive batches of ``negatives`` rows (the last may be smaller).
+    ``split="contiguous"``: batches of consecutive rows, for rows already in random order
+    (e.g. shuffled at ingest); read from a store, each batch is then a run of rows instead
+    of rows spread over every chunk.
     """
+    if split not in BATCH_SPLITS:
+        raise ValueError(f"batch_split must be one of {BATCH_SPLITS}, got {split!r}")
     if isinstance(negatives, str):
         if negatives != "full":
             raise ValueError(f"negatives must be 'full' or a positive batch size, got {negatives!r}")
@@ -55,8 +63,8 @@ def make_batches(n: int, negatives, seed: int = 0) -> list[np.ndarray] | None:
         raise ValueError(f"negatives batch size must be positive, got {negatives}")
     if negatives >= n:
         return None
-    perm = np.random.default_rng(seed).permutation(n)
-    return [perm[k : k + int(negatives)] for k in range(0, n, int(negatives))]
+    order = np.arange(n) if split == "contiguous" else np.random.default_rng(seed).permutation(n)
+    return [order[k : k + int(negatives)] for k in range(0, n, int(negatives))]
 
 
 @dataclass
@@ -144,6 +152,8 @@ class CrossProductOperator:
         "statistics" or "product"), e.g. :class:`unicon_dist.progress.LogProgress`.
     panel_rows : int, optional
         Positions per panel (default: all rows in one panel).
+    batch_split : {"random", "contiguous"}
+        How ``negatives=B`` cuts the rows into batches (see :func:`make_batches`).
 
     Attributes
     ----------
@@ -174,6 +184,7 @@ class CrossProductOperator:
         dtype=None,
         progress=None,
         panel_rows: int | None = None,
+        batch_split: str = "random",
         _force_general: bool = False,
     ):
         zx = check_matrix(z_x, "z_x")
@@ -193,7 +204,7 @@ class CrossProductOperator:
             loss=loss, temperature=temperature, nu=nu, negatives=negatives, groups=groups, seed=seed,
             block_rows=block_rows, block_cols=block_cols, memory_budget=memory_budget, device=device,
             dtype=dtype, progress=progress, panel_rows=panel_rows, constant=_is_zero(zx) or _is_zero(zy),
-            norm_bound=None, force_general=_force_general,
+            norm_bound=None, force_general=_force_general, batch_split=batch_split,
         )
 
     @classmethod
@@ -210,6 +221,7 @@ class CrossProductOperator:
         negatives="full",
         groups=None,
         seed: int = 0,
+        batch_split: str = "random",
         panel_rows: int | None = None,
         constant: bool = False,
         norm_bound: tuple[float, float] | None = None,
@@ -249,14 +261,14 @@ class CrossProductOperator:
             negatives=negatives, groups=groups, seed=seed, block_rows=block_rows, block_cols=block_cols,
             memory_budget=memory_budget, device=resolve_device(device), dtype=resolve_dtype(dtype),
             progress=progress, panel_rows=panel_rows, constant=constant, norm_bound=norm_bound,
-            force_general=False,
+            force_general=False, batch_split=batch_split,
         )
         return self
 
     # ------------------------------------------------------------------ setup
     def _setup(self, loader, n, shape, rank, *, loss, temperature, nu, negatives, groups, seed, block_rows,
                block_cols, memory_budget, device, dtype, progress, panel_rows, constant, norm_bound,
-               force_general):
+               force_general, batch_split):
         self.loss_fn: ContrastiveLoss = get_loss(loss, temperature=temperature, nu=nu)
         self.device, self.dtype = device, dtype
         self.n, self.shape, self.rank = n, shape, rank
@@ -273,7 +285,7 @@ class CrossProductOperator:
         self._cache: OrderedDict = OrderedDict()  # one loaded group of panels at a time
         self.n_loads = 0
         labels = canonical_groups(groups, n)
-        batches = make_batches(n, negatives, seed)
+        batches = make_batches(n, negatives, seed, batch_split)
         self._batches = [self._make_batch(k, labels, rows) for k, rows in enumerate(batches or [None])]
         for b in self._batches:
             plan = self._plan(b.n, rank + max(shape), b.pos)
@@ -351,7 +363,12 @@ class CrossProductOperator:
 
     @staticmethod
     def _rows(b: _Batch, p0: int, p1: int):
-        return slice(p0, p1) if b.rows is None else b.rows[p0:p1]
+        if b.rows is None:
+            return slice(p0, p1)
+        r = b.rows[p0:p1]
+        if r.size and r[-1] - r[0] == r.size - 1 and (r.size == 1 or bool((np.diff(r) == 1).all())):
+            return slice(int(r[0]), int(r[-1]) + 1)  # a run of rows reads as one range
+        return r
 
     def _panels(self, b: _Batch):
         for k in range(len(b.panels)):
