@@ -12,86 +12,263 @@ import numpy as np
 __all__ = ["main"]
 
 
-def _format_metrics(rows: list[tuple[str, dict]], keys: list[str]) -> str:
-    width = max(len(name) for name, _ in rows)
-    head = f"{'':<{width}}  " + "  ".join(f"{k:>12}" for k in keys)
-    lines = [head]
-    for name, metrics in rows:
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{metrics[k]:>12.3f}" for k in keys))
-    return "\n".join(lines)
+# ---------------------------------------------------------------------------- demo
+_FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                  "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_FASHION_INSTALL = "sudo apt-get install -y dataset-fashion-mnist"
+# per dataset: rank, temperature (RESULTS.md §3 settings)
+_DEMO_DEFAULTS = {"fashion-mnist": (64, 0.1), "digits": (16, 0.5)}
 
 
-def _normalise(z: np.ndarray) -> np.ndarray:
-    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), np.finfo(z.dtype).tiny)
+def _demo_data(args):
+    """(train_left, train_right, test_left, test_right, test_labels, class names, description)."""
+    from unicon_dist.datasets import (
+        DIGITS_CLASSES, FASHION_MNIST_CLASSES, load_digits_halves, load_fashion_mnist_halves,
+    )
+
+    rng = np.random.default_rng(args.seed)
+    if args.dataset == "digits":
+        if not 0 < args.test_fraction < 1:
+            raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+        left, right, labels = load_digits_halves()
+        perm = rng.permutation(len(left))
+        n_test = int(round(args.test_fraction * len(left)))
+        test, train = perm[:n_test], perm[n_test:]
+        if args.n_train is not None:
+            if not 2 <= args.n_train <= len(train):
+                raise ValueError(f"--n-train must be in [2, {len(train)}] for digits, got {args.n_train}")
+            train = train[:args.n_train]
+        desc = (f"scikit-learn digits, left/right 8x4 halves: {len(train):,} training pairs, "
+                f"{len(test):,} test pairs, 32 + 32 pixels")
+        return left[train], right[train], left[test], right[test], labels[test], DIGITS_CLASSES, desc
+    directory = Path(args.data_dir)
+    missing = [str(directory / f) for f in _FASHION_FILES if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found (missing {', '.join(missing)}); install Debian's package with\n"
+            f"    {_FASHION_INSTALL}\n(as root: apt-get install -y dataset-fashion-mnist), "
+            "or run the demo on scikit-learn's digits: unicon-dist demo --dataset digits"
+        )
+    left, right, _ = load_fashion_mnist_halves("train", directory=directory)
+    n_train = 20_000 if args.n_train is None else args.n_train
+    if not 2 <= n_train <= len(left):
+        raise ValueError(f"--n-train must be in [2, {len(left)}] for fashion-mnist, got {n_train}")
+    train = np.sort(rng.permutation(len(left))[:n_train])
+    train_l, train_r = left[train], right[train]
+    del left, right
+    test_l, test_r, test_labels = load_fashion_mnist_halves("test", directory=directory)
+    desc = (f"Fashion-MNIST, left/right 28x14 halves: {n_train:,} training pairs (seeded sample of the "
+            f"60,000 training images), all {len(test_l):,} test pairs, 392 + 392 pixels")
+    return train_l, train_r, test_l, test_r, test_labels, FASHION_MNIST_CLASSES, desc
 
 
 def cmd_demo(args) -> int:
+    import time
+
     import unicon_dist as ud
-    from unicon_dist.datasets import load_digits_halves
+    from unicon_dist.evaluation import evaluate_arrays, format_evaluation
 
-    left, right, labels = load_digits_halves()
-    n = len(left)
-    perm = np.random.default_rng(args.seed).permutation(n)
-    n_test = int(round(args.test_fraction * n))
-    test, train = perm[:n_test], perm[n_test:]
-    mean_l, mean_r = left[train].mean(0), right[train].mean(0)
-    xl, xr = left[train] - mean_l, right[train] - mean_r
-    tl, tr = left[test] - mean_l, right[test] - mean_r
-    print(f"digits left/right halves: {len(train)} training pairs, {len(test)} test pairs, 32 + 32 pixels")
+    t_start = time.perf_counter()
+    rank_default, temperature_default = _DEMO_DEFAULTS[args.dataset]
+    rank = rank_default if args.rank is None else args.rank
+    temperature = temperature_default if args.temperature is None else args.temperature
+    out = args.out if args.out is not None else Path(f"runs/demo/{args.dataset}-unicon.npz")
+    model = ud.UniCon(rank=rank, kernel=args.kernel, temperature=temperature, max_iter=args.max_iter,
+                      tol=args.tol, seed=args.seed, verbose=args.verbose)
+    model._validate_params()  # before any data is read
+    train_l, train_r, test_l, test_r, test_labels, classes, desc = _demo_data(args)
+    # centre both views with the training means (the test pairs are never looked at)
+    mean_l, mean_r = train_l.mean(0), train_r.mean(0)
+    xl, xr = train_l - mean_l, train_r - mean_r
+    tl, tr = test_l - mean_l, test_r - mean_r
+    print(desc)
+    t_load = time.perf_counter() - t_start
 
-    model = ud.UniCon(
-        rank=args.rank, temperature=args.temperature, max_iter=args.max_iter, tol=args.tol, seed=args.seed,
-    )
+    t0 = time.perf_counter()
     model.fit(xl, xr)
-    print("\niterations (loss and objective at W_k, relative change of W):")
+    t_fit = time.perf_counter() - t0
+    print(f"\nUniCon rank {rank}, {args.kernel} kernel, CLIP loss, temperature {temperature}; "
+          "iterations (loss and objective at W_k, relative change of W):")
     for h in model.history_:
         print(f"  {h['iteration']:>3}  loss {h['loss']:.5f}  objective {h['objective']:.5f}"
               f"  delta_w {h['delta_w']:.2e}  {h['seconds']:.3f}s")
     status = "converged" if model.converged_ else "not converged"
     print(f"  {status}; kept iteration {model.best_iteration_} (lowest objective)")
 
-    zx, zy = model.encode_x(tl), model.encode_y(tr)
-    base_x, base_y = _normalise(tl), _normalise(tr)  # both halves live in R^32: identity map
-    keys = ["x2y_R@1", "x2y_R@5", "x2y_R@10", "y2x_R@1", "y2x_R@5", "y2x_R@10"]
-    print("\ninstance retrieval on the test pairs (left half -> its own right half):")
-    print(_format_metrics([
-        ("unaligned (identity)", ud.retrieval_metrics(base_x, base_y)),
-        (f"UniCon r={args.rank}", ud.retrieval_metrics(zx, zy)),
-    ], keys))
-    g = labels[test]
-    print("\nclass retrieval on the test pairs (any right half of the same digit counts):")
-    print(_format_metrics([
-        ("unaligned (identity)", ud.retrieval_metrics(base_x, base_y, groups=g)),
-        (f"UniCon r={args.rank}", ud.retrieval_metrics(zx, zy, groups=g)),
-    ], keys))
-    out = model.save(args.out)
-    print(f"\nmodel written to {out}")
+    t0 = time.perf_counter()
+    result = evaluate_arrays(model, tl, tr, labels=test_labels, label_names=classes, max_rows=args.max_rows,
+                             seed=args.seed)
+    t_eval = time.perf_counter() - t0
+    print("\ntest pairs: left half (x) vs right half (y); unaligned = cosine of the centred pixels\n")
+    print(format_evaluation(result))
+    path = model.save(out)
+    print(f"\nmodel written to {path}")
+    print(f"time: data {t_load:.1f}s, fit {t_fit:.1f}s, evaluation {t_eval:.1f}s, "
+          f"total {time.perf_counter() - t_start:.1f}s")
     return 0
+
+
+# ---------------------------------------------------------------------------- solve / evaluate
+def cmd_solve(args) -> int:
+    import time
+
+    from unicon_dist.jobs import load_job, run_job
+
+    t0 = time.perf_counter()
+    job = load_job(args.job)
+    validate_s = time.perf_counter() - t0
+    print(job.describe())
+    if args.dry_run:
+        print("\ndry run: the job is valid; nothing was fitted or written")
+        return 0
+    print()
+    if not args.quiet:
+        logging.getLogger("unicon_dist").setLevel(logging.INFO)
+    record = run_job(job, validate_seconds=validate_s)
+    if record["evaluation"] is not None:
+        from unicon_dist.evaluation import format_evaluation
+
+        print()
+        print(format_evaluation(record["evaluation"]))
+    t = record["timings"]
+    print(f"\ntime: validate {t['validate']:.2f}s, fit {t['fit']:.1f}s, save {t['save']:.2f}s"
+          + (f", evaluate {t['evaluate']:.1f}s" if "evaluate" in t else "") + f", total {t['total']:.1f}s")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from unicon_dist.evaluation import evaluate_store, format_evaluation
+    from unicon_dist.jobs import atomic_write_text
+
+    result = evaluate_store(args.model, args.store, ks=tuple(args.ks), max_rows=args.max_rows,
+                            block_rows=args.block_rows, seed=args.seed)
+    result["model_file"] = str(args.model)
+    print(format_evaluation(result))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"\nmetrics written to {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- ingest
+def _label_names_arg(args):
+    if args.label_names_file is not None:
+        lines = Path(args.label_names_file).read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    if args.label_names is not None:
+        return [name.strip() for name in args.label_names.split(",")]
+    return None
+
+
+def cmd_ingest(args) -> int:
+    import time
+
+    from unicon_dist.ingest import ingest
+
+    t0 = time.perf_counter()
+    store = ingest(args.x_source, args.y_source, args.out, groups=args.groups, labels=args.labels,
+                   dtype=args.dtype, chunk_rows=args.chunk_rows, block_rows=args.block_rows,
+                   start_row=args.start_row, overwrite=args.overwrite, append=args.append,
+                   label_names=_label_names_arg(args), progress=not args.no_progress,
+                   command=["unicon-dist", *args.argv])
+    last = store.history[-1]["rows"] if store.history else [len(store), len(store)]
+    print(f"{store.path}: wrote rows {last[0]}-{last[1] - 1} ({last[1] - last[0]:,} rows) in "
+          f"{time.perf_counter() - t0:.1f}s; the store holds {len(store):,} rows "
+          f"(x {store.dim_x}, y {store.dim_y}, {store.dtype}, chunk_rows {store.chunk_rows})")
+    return 0
+
+
+def _add_ingest_parser(sub) -> None:
+    ing = sub.add_parser(
+        "ingest", help="stream paired feature files (npy, npz, parquet, zarr) into a pair store",
+        description="Check the sources, then stream them block by block (O(block) memory) into the pair "
+                    "store OUT. Sources: a.npy, a.npz[:key], a.parquet:col (list column) or "
+                    "a.parquet:c1,c2,... (numeric columns; :* for all), a.zarr[:array]. A bad row stops the "
+                    "ingest with an error naming the file and row; the rows before it stay committed and "
+                    "--append --start-row ROW resumes.")
+    ing.add_argument("x_source", help="x features, 2-D (rows, dim_x)")
+    ing.add_argument("y_source", help="y features, 2-D (rows, dim_y)")
+    ing.add_argument("--out", required=True, type=Path, help="the pair store directory")
+    ing.add_argument("--groups", default=None, help="1-D integer source: positive-pair group per row")
+    ing.add_argument("--labels", default=None, help="1-D integer source: class label per row")
+    names = ing.add_mutually_exclusive_group()
+    names.add_argument("--label-names", default=None, help="comma-separated class names (label k = k-th name)")
+    names.add_argument("--label-names-file", type=Path, default=None, help="text file, one class name per line")
+    ing.add_argument("--dtype", choices=("float32", "float16", "float64"), default=None,
+                     help="storage dtype of a new store (default float32; appending keeps the store's)")
+    ing.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk of a new store")
+    ing.add_argument("--block-rows", type=int, default=None,
+                     help="rows read, checked and committed at once (default: about 128 MiB)")
+    ing.add_argument("--start-row", type=int, default=0, help="first source row (to resume a failed ingest)")
+    mode = ing.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="append to OUT (created if missing)")
+    mode.add_argument("--overwrite", action="store_true", help="replace the pair store OUT")
+    ing.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    ing.set_defaults(func=cmd_ingest)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unicon-dist", description="Closed-form contrastive alignment (UniCon).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit on scikit-learn digits halves and print retrieval metrics")
-    demo.add_argument("--rank", type=int, default=16)
-    demo.add_argument("--temperature", type=float, default=0.5)
+    demo = sub.add_parser("demo", help="fit on Fashion-MNIST (or digits) image halves and print retrieval metrics",
+                          description="Fit UniCon on the left vs right halves of images (training split), then "
+                                      "evaluate retrieval and classification on the test split next to the "
+                                      "unaligned baseline, and write the model.")
+    demo.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist",
+                      help="fashion-mnist (Debian package dataset-fashion-mnist; default) or scikit-learn digits")
+    demo.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
+                      help="folder of the Fashion-MNIST .gz files (default: the Debian package's)")
+    demo.add_argument("--n-train", type=int, default=None,
+                      help="training pairs (fashion-mnist: seeded sample, default 20000 of 60000; digits: all)")
+    demo.add_argument("--rank", type=int, default=None, help="default 64 (fashion-mnist), 16 (digits)")
+    demo.add_argument("--temperature", type=float, default=None, help="default 0.1 (fashion-mnist), 0.5 (digits)")
+    demo.add_argument("--kernel", default="linear")
     demo.add_argument("--max-iter", type=int, default=10)
     demo.add_argument("--tol", type=float, default=1e-4)
-    demo.add_argument("--test-fraction", type=float, default=0.25)
+    demo.add_argument("--test-fraction", type=float, default=0.25, help="digits only: held-out fraction")
+    demo.add_argument("--max-rows", type=int, default=10_000, help="evaluate on at most this many test pairs")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", type=Path, default=Path("runs/demo/digits-unicon.npz"))
+    demo.add_argument("--out", type=Path, default=None, help="model file (default runs/demo/DATASET-unicon.npz)")
     demo.set_defaults(func=cmd_demo)
+
+    solve = sub.add_parser("solve", help="validate and run a TOML job file (fit a store, save, evaluate)",
+                           description="Validate JOB completely (tables, keys, model options, stores, outputs), "
+                                       "print the plan, fit the training store, write the model atomically and "
+                                       "the metrics JSON, and evaluate on [data] eval_store when given.")
+    solve.add_argument("job", type=Path, help="the job file (see examples/fashion_mnist.toml)")
+    solve.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    solve.add_argument("-q", "--quiet", action="store_true", help="no progress logging during the fit")
+    solve.set_defaults(func=cmd_solve)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a pair store",
+                              description="Instance (and group/class) retrieval and zero-shot or prototype "
+                                          "accuracy of MODEL on the rows of STORE, next to the unaligned baseline.")
+    evaluate.add_argument("model", type=Path, help="model file written by solve, demo or UniCon.save")
+    evaluate.add_argument("store", type=Path, help="pair store with the model's input dims")
+    evaluate.add_argument("--max-rows", type=int, default=10_000,
+                          help="evaluate on a seeded random subset of this many rows when the store is larger")
+    evaluate.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs")
+    evaluate.add_argument("--block-rows", type=int, default=None, help="rows read and encoded at once")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    _add_ingest_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded as provenance
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            TypeError, PermissionError) as exc:
         print(f"unicon-dist: error: {exc}", file=sys.stderr)
         return 2
 
