@@ -385,8 +385,10 @@ class CrossProductOperator:
         total = sum(-(-(p1 - p0) // br) for p0, p1 in b.panels) * len(b.panels)
         done = 0
         for kp in range(len(b.panels)):
+            P = Q = None
             P = self._load(b, kp)
             for kq in range(len(b.panels)):
+                Q = None  # let the previous column panel go before the next one loads
                 Q = P if kq == kp else self._load(b, kq)
                 for i0 in range(P.p0, P.p1, br):
                     i1 = min(i0 + br, P.p1)
@@ -616,10 +618,12 @@ class CrossProductOperator:
             total = sum(-(-(p1 - p0) // outer_block) for p0, p1 in b.panels) * len(b.panels)
             done = 0
             for ko in range(len(b.panels)):
+                O = keep = R = I = other = None
                 O = self._load(b, ko)
                 keep = left(O) if by_rows else right(O)
                 R = torch.zeros((O.p1 - O.p0, w if by_rows else a), dtype=self.dtype, device=self.device)
                 for ki in range(len(b.panels)):
+                    I = other = None  # let the previous inner panel go before the next one loads
                     I = O if ki == ko else self._load(b, ki)
                     other = right(I) if by_rows else left(I)
                     for o0 in range(O.p0, O.p1, outer_block):
