@@ -466,3 +466,61 @@ def test_contiguous_batches_equal_dense(gkind):
     assert op.loss == pytest.approx(l_ref, rel=1e-10)
     with pytest.raises(ValueError, match="batch_split must be one of"):
         ud.CrossProductOperator(phi_x, phi_y, z_x, z_y, negatives=B, batch_split="sorted")
+
+
+# --------------------------------------------------------------------------------------
+# the passes split over workers that each own some outer panels (what RayExecutor runs)
+# --------------------------------------------------------------------------------------
+def split_run(make, n_workers):
+    """A driver and workers built by ``make(owned=..., compute_stats=False)``; the panels are
+    dealt out in contiguous runs; returns (driver, workers) with the statistics installed."""
+    driver = make(owned=[], compute_stats=False)
+    keys = driver.panel_keys
+    shares = [keys[w * len(keys) // n_workers:(w + 1) * len(keys) // n_workers] for w in range(n_workers)]
+    workers = [make(owned=share, compute_stats=False) for share in shares]
+    owners = {}
+    for w, share in enumerate(shares):
+        for b, _ in share:
+            owners.setdefault(b, set()).add(w)
+    split = [b for b, ws in owners.items() if len(ws) > 1]
+    stats = driver.compute_stats(lambda name, *args: [w.run_round(name, *args) for w in workers], split)
+    for op in (driver, *workers):
+        op.set_stats(stats)
+    return driver, workers, split
+
+
+SPLIT_CASES = [
+    # (loss, n, groups kind, negatives, panel_rows, scale, constant, workers)
+    ("clip", 400, "none", "full", 90, 1.0, False, 2),
+    ("clip", 400, "none", "full", 90, 9.0, False, 3),  # log-space statistics
+    ("clip", 400, "shuffled", "full", 90, 1.0, False, 2),
+    ("clip", 400, "shuffled", "full", 90, 1.0, True, 3),  # the s = 0 first step
+    ("clip", 400, "shuffled", 96, 200, 1.0, False, 2),  # whole batches per worker
+    ("clip", 400, "none", 150, 60, 1.0, False, 3),  # batches shared by workers
+    ("triplet", 160, "shuffled", "full", 45, 1.0, False, 2),
+    ("sigmoid", 160, "none", "full", 45, 1.0, True, 2),
+]
+
+
+@pytest.mark.parametrize("loss, n, gkind, negatives, panel_rows, scale, constant, n_workers", SPLIT_CASES)
+def test_passes_split_over_workers_equal_one_pass(loss, n, gkind, negatives, panel_rows, scale, constant, n_workers):
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=n + 5, scale=scale)
+    if constant:
+        z_x = z_y = np.zeros((n, 1))
+    tensors = [torch.as_tensor(a, dtype=torch.float32) for a in (phi_x, phi_y, z_x, z_y)]
+    loader = lambda rows: tuple(t[rows] if isinstance(rows, slice) else t[torch.as_tensor(rows)] for t in tensors)  # noqa: E731
+    kw = dict(loss=loss, temperature=TEMPS[loss], negatives=negatives, groups=make_groups(gkind, n, seed=2),
+              panel_rows=panel_rows, block_rows=23, block_cols=41, constant=constant)
+    make = lambda **extra: ud.CrossProductOperator.from_loader(loader, n, (7, 5), z_x.shape[1], **kw, **extra)  # noqa: E731
+    whole = make()
+    driver, workers, split = split_run(make, n_workers)
+    assert driver.n_loads == 0
+    assert whole.loss == pytest.approx(driver.loss, rel=1e-6)
+    C = sum(w.materialize() for w in workers)
+    assert rel_err(C.numpy(), whole.materialize().numpy()) < 1e-6
+    omega = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    assert rel_err(sum(w.matmul(omega) for w in workers).numpy(), whole.matmul(omega).numpy()) < 1e-6
+    omega = torch.randn(7, 2, generator=torch.Generator().manual_seed(1))
+    assert rel_err(sum(w.rmatmul(omega) for w in workers).numpy(), whole.rmatmul(omega).numpy()) < 1e-6
+    if negatives == "full":
+        assert split  # the one batch is shared, so the merge rounds ran

@@ -231,6 +231,8 @@ class CrossProductOperator:
         device="cpu",
         dtype=torch.float32,
         progress=None,
+        owned=None,
+        compute_stats: bool = True,
     ) -> "CrossProductOperator":
         """An operator whose rows are produced on demand by ``loader``.
 
@@ -252,6 +254,12 @@ class CrossProductOperator:
         norm_bound : (float, float), optional
             Upper bounds of ‖z_x,i‖ and ‖z_y,j‖ (e.g. 1 for unit embeddings); without them
             one extra sweep over the panels finds the maxima.
+        owned : iterable of (batch, panel), optional
+            The outer panels this instance computes (a worker's share; see
+            :attr:`panel_keys`); products then return this share's part of C.
+        compute_stats : bool
+            Run pass 1 now; a distributed driver runs it through :meth:`compute_stats`
+            over its workers instead and installs the result with :meth:`set_stats`.
         Other parameters
             As for the constructor.
         """
@@ -261,14 +269,14 @@ class CrossProductOperator:
             negatives=negatives, groups=groups, seed=seed, block_rows=block_rows, block_cols=block_cols,
             memory_budget=memory_budget, device=resolve_device(device), dtype=resolve_dtype(dtype),
             progress=progress, panel_rows=panel_rows, constant=constant, norm_bound=norm_bound,
-            force_general=False, batch_split=batch_split,
+            force_general=False, batch_split=batch_split, owned=owned, compute_stats=compute_stats,
         )
         return self
 
     # ------------------------------------------------------------------ setup
     def _setup(self, loader, n, shape, rank, *, loss, temperature, nu, negatives, groups, seed, block_rows,
                block_cols, memory_budget, device, dtype, progress, panel_rows, constant, norm_bound,
-               force_general, batch_split):
+               force_general, batch_split, owned=None, compute_stats=True):
         self.loss_fn: ContrastiveLoss = get_loss(loss, temperature=temperature, nu=nu)
         self.device, self.dtype = device, dtype
         self.n, self.shape, self.rank = n, shape, rank
@@ -287,10 +295,94 @@ class CrossProductOperator:
         labels = canonical_groups(groups, n)
         batches = make_batches(n, negatives, seed, batch_split)
         self._batches = [self._make_batch(k, labels, rows) for k, rows in enumerate(batches or [None])]
-        for b in self._batches:
-            plan = self._plan(b.n, rank + max(shape), b.pos)
-            b.stats = (self._stats_exp if self._exp else self._stats_general)(b, plan)
-        self.loss = float(sum(b.stats["loss_sum"] for b in self._batches) / (2 * n))
+        self._owner = None if owned is None else set(map(tuple, owned))
+        if compute_stats:
+            self.set_stats(self.compute_stats(lambda name, *args: [self.run_round(name, *args)]))
+
+    # ------------------------------------------------------------- ownership
+    @property
+    def panel_keys(self) -> list[tuple[int, int]]:
+        """(batch, panel) of every panel, in the order passes visit them."""
+        return [(b.key, k) for b in self._batches for k in range(len(b.panels))]
+
+    def panel_sizes(self) -> list[int]:
+        return [p1 - p0 for b in self._batches for p0, p1 in b.panels]
+
+    def _owned(self, b: _Batch) -> list[int]:
+        """Panels of b this instance visits as outer panels (all of them unless ``owned`` says)."""
+        return [k for k in range(len(b.panels)) if self._owner is None or (b.key, k) in self._owner]
+
+    def _whole(self, b: _Batch) -> bool:
+        return len(self._owned(b)) == len(b.panels)
+
+    # ---------------------------------------------------- pass 1 as rounds
+    # Pass 1 is written as rounds: every worker computes a partial result over the outer
+    # panels it owns, the driver merges the partials in worker order and hands the merged
+    # values to the next round.  A batch whose panels one worker owns entirely (every batch
+    # when there is one worker) is finished inside the first round, so a local pass reads
+    # each panel as often as a plain loop would.
+    def compute_stats(self, run, split=()) -> list[dict]:
+        """Statistics of every batch.
+
+        ``run(round, *args)`` returns one partial result per worker; ``split`` names the
+        batches whose panels several workers share (none when one worker owns all).
+        """
+        split = list(split)
+        args = self._first_round_args(run, split)
+        first = run("negatives", args)
+        stats: dict[int, dict] = {}
+        for part in first:
+            stats.update(part["done"])
+        for k in split:
+            b = self._batches[k]
+            parts = [p["partial"][k] for p in first if k in p["partial"]]
+            if self._exp:
+                direct = args[k]
+                if direct:
+                    sums = [sum(q[i] for q in parts) for i in range(2)]
+                    args[k] = (direct, torch.log(sums[0]), torch.log(sums[1]))
+                else:
+                    args[k] = (direct, _logaddexp_all([q[0] for q in parts]), _logaddexp_all([q[1] for q in parts]))
+            else:
+                stats[k] = self._finish_general(b, *args[k], *[sum(q[i] for q in parts) for i in range(4)])
+        if split and self._exp:
+            pos = run("positives", {k: args[k] for k in split})
+            for k in split:
+                parts = [p[k] for p in pos if k in p]
+                direct, lneg_row, lneg_col = args[k]
+                stats[k] = self._finish_exp(
+                    self._batches[k], direct, lneg_row, lneg_col, _logaddexp_all([q[0] for q in parts]),
+                    _logaddexp_all([q[1] for q in parts]), sum(q[2] for q in parts),
+                )
+        return [stats[b.key] for b in self._batches]
+
+    def _first_round_args(self, run, split) -> dict:
+        """What the first round needs for batches spread over workers: the exp path's
+        choice between plain sums and log space (from the global norm maxima), and the
+        positive-slot similarities of the general path."""
+        if not split:
+            return {}
+        if not self._exp:
+            slots = run("slots", split)
+            return {k: tuple(sum(p[k][i] for p in slots if k in p) for i in range(2)) for k in split}
+        if self._constant:
+            return {k: True for k in split}
+        if self._norm_bound is not None:
+            bx, by = self._norm_bound
+            return {k: self._direct(bx * by / self.loss_fn.temperature) for k in split}
+        norms = run("norms", split)  # of z_x/τ and z_y
+        return {k: self._direct(max(p[k][0] for p in norms if k in p) * max(p[k][1] for p in norms if k in p))
+                for k in split}
+
+    def run_round(self, name: str, *args):
+        """One worker's part of a pass-1 round over the panels it owns."""
+        return getattr(self, f"_round_{name}")(*args)
+
+    def set_stats(self, stats: list[dict]):
+        """Install the merged statistics (one dict per batch) and the loss."""
+        for b, st in zip(self._batches, stats):
+            b.stats = st
+        self.loss = float(sum(b.stats["loss_sum"] for b in self._batches) / (2 * self.n))
 
     def _make_batch(self, key, labels, rows) -> _Batch:
         if rows is None and labels is None:
@@ -370,21 +462,18 @@ class CrossProductOperator:
             return slice(int(r[0]), int(r[-1]) + 1)  # a run of rows reads as one range
         return r
 
-    def _panels(self, b: _Batch):
-        for k in range(len(b.panels)):
-            yield self._load(b, k)
-
     def release(self):
         """Drop the cached panels (the statistics are kept)."""
         self._cache.clear()
         self._buffers.clear()
 
-    def _tiles(self, b: _Batch, plan, stage):
-        """(P, Q, i0, i1, j0, j1) over all tiles of batch b, row panel by row panel."""
+    def _tiles(self, b: _Batch, plan, stage, rows):
+        """(P, Q, i0, i1, j0, j1) over the tiles of batch b in the row panels ``rows``
+        (indices into b.panels) against every column panel, row panel by row panel."""
         br, bc = plan.block_rows, plan.block_cols
-        total = sum(-(-(p1 - p0) // br) for p0, p1 in b.panels) * len(b.panels)
+        total = sum(-(-(b.panels[k][1] - b.panels[k][0]) // br) for k in rows) * len(b.panels)
         done = 0
-        for kp in range(len(b.panels)):
+        for kp in rows:
             P = Q = None
             P = self._load(b, kp)
             for kq in range(len(b.panels)):
@@ -411,7 +500,7 @@ class CrossProductOperator:
             self._progress(stage, done, total)
 
     # --------------------------------------------------- pass 1: exponential ψ
-    def _direct_exp(self, b: _Batch) -> bool:
+    def _direct(self, U: float) -> bool:
         """Whether plain e^{t_ij} and the weights a_i stay normal floats in every tile.
 
         |t_ij| ≤ U := max‖z_x‖·max‖z_y‖/τ (Cauchy–Schwarz), so e^{t} ∈ [e^{−U}, e^{U}] and
@@ -421,37 +510,83 @@ class CrossProductOperator:
         Beyond that (small τ, unnormalised embeddings) they fall back to per-row and
         per-column maxima as in FlashAttention's online softmax, which cost more.
         """
-        if self._norm_bound is not None:
-            U = float(self._norm_bound[0]) * float(self._norm_bound[1]) / self.loss_fn.temperature
-        else:
-            mx = my = 0.0
-            for P in self._panels(b):
-                mx = max(mx, float(P.zx.norm(dim=1).max()))
-                my = max(my, float(P.zy.norm(dim=1).max()))
-            U = mx * my
         return U <= (40.0 if self.dtype != torch.float64 else 300.0)
 
+    def _norm_maxima(self, b: _Batch, panels) -> tuple[float, float]:
+        mx = my = 0.0
+        for k in panels:
+            P = self._load(b, k)
+            mx = max(mx, float(P.zx.norm(dim=1).max()))
+            my = max(my, float(P.zy.norm(dim=1).max()))
+        return mx, my
+
+    def _round_norms(self, split) -> dict:
+        return {k: self._norm_maxima(b, self._owned(b)) for k in split if (b := self._batches[k]) and self._owned(b)}
+
+    def _round_negatives(self, args) -> dict:
+        """Whole batches: their statistics; shared ones: partial row/column sums."""
+        done, partial = {}, {}
+        for b in self._batches:
+            owned = self._owned(b)
+            if not owned:
+                continue
+            plan = self._plan(b.n, self.rank + max(self.shape), b.pos)
+            if self._whole(b):
+                done[b.key] = (self._stats_exp if self._exp else self._stats_general)(b, plan)
+            elif self._exp:
+                partial[b.key] = self._negatives_exp(b, plan, args[b.key], owned)
+            else:
+                partial[b.key] = self._negatives_general(b, plan, *args[b.key], owned)
+        return {"done": done, "partial": partial}
+
+    def _round_positives(self, merged) -> dict:
+        out = {}
+        for k, (direct, lneg_row, lneg_col) in merged.items():
+            b = self._batches[k]
+            if self._owned(b):
+                plan = self._plan(b.n, self.rank + max(self.shape), b.pos)
+                out[k] = self._positives_exp(b, plan, lneg_row, lneg_col, self._owned(b))
+        return out
+
     def _stats_exp(self, b: _Batch, plan) -> dict:
-        n, pos, lf = b.n, b.pos, self.loss_fn
+        """All statistics of a batch whose panels this instance owns."""
+        panels = range(len(b.panels))
+        if self._constant:
+            direct = True
+        elif self._norm_bound is not None:
+            direct = self._direct(self._norm_bound[0] * self._norm_bound[1] / self.loss_fn.temperature)
+        else:
+            mx, my = self._norm_maxima(b, panels)
+            direct = self._direct(mx * my)
+        row, col = self._negatives_exp(b, plan, direct, panels)
+        lneg_row, lneg_col = (torch.log(row), torch.log(col)) if direct else (row, col)
+        return self._finish_exp(b, direct, lneg_row, lneg_col,
+                                *self._positives_exp(b, plan, lneg_row, lneg_col, panels))
+
+    def _negatives_exp(self, b: _Batch, plan, direct: bool, panels):
+        """Σ_{j∉P(i)} e^{t_ij} over rows i of ``panels`` and every column j (its partial
+        column sums); in log space unless ``direct``."""
+        n, pos = b.n, b.pos
         f64 = dict(dtype=torch.float64, device=self.device)
-        lneg_row = torch.full((n,), _NEG_INF, **f64)  # log Σ_{j∉P(i)} e^{t_ij}
-        lneg_col = torch.full((n,), _NEG_INF, **f64)
-        constant = self._constant
-        direct = constant or self._direct_exp(b)
+        if self._constant:  # s ≡ 0: every negative contributes e^0 = 1
+            row, col = torch.zeros((n,), **f64), torch.zeros((n,), **f64)
+            for k in panels:
+                p0, p1 = b.panels[k]
+                row[p0:p1] = n - pos.size[p0:p1].double()
+                col[p0:p1] = n - pos.size[p0:p1].double()
+            return row, col
         if direct:
-            row_sum = torch.zeros((n,), **f64)  # Σ_{j∉P(i)} e^{t_ij}
-            col_sum = torch.zeros((n,), **f64)
-        if constant:  # s ≡ 0: every negative contributes e^0 = 1
-            row_sum += n - pos.size.double()
-            col_sum += n - pos.size.double()
-        for P, Q, i0, i1, j0, j1 in (() if constant else self._tiles(b, plan, "statistics")):
+            row, col = torch.zeros((n,), **f64), torch.zeros((n,), **f64)
+        else:
+            row, col = torch.full((n,), _NEG_INF, **f64), torch.full((n,), _NEG_INF, **f64)
+        for P, Q, i0, i1, j0, j1 in self._tiles(b, plan, "statistics", panels):
             zx, zy = P.zx[P.local(i0, i1)], Q.zy[Q.local(j0, j1)]
             if direct:
                 e = torch.mm(zx, zy.T, out=self._buffer("e", i1 - i0, j1 - j0)).exp_()
                 if pos.tile_has_positives(i0, i1, j0, j1):
                     self._zero_positives(e, pos, i0, i1, j0, j1)
-                row_sum[i0:i1] += e.sum(1)
-                col_sum[j0:j1] += e.sum(0)
+                row[i0:i1] += e.sum(1)
+                col[j0:j1] += e.sum(0)
                 continue
             t = zx @ zy.T
             if pos.tile_has_positives(i0, i1, j0, j1):
@@ -459,41 +594,48 @@ class CrossProductOperator:
                     t[pos.diagonal(i0, i1, j0, j1)] = _NEG_INF
                 else:
                     t.masked_fill_(pos.mask(i0, i1, j0, j1), _NEG_INF)
-            lneg_row[i0:i1] = torch.logaddexp(lneg_row[i0:i1], _logsumexp(t, 1).double())
-            lneg_col[j0:j1] = torch.logaddexp(lneg_col[j0:j1], _logsumexp(t, 0).double())
-        if direct:
-            lneg_row = torch.log(row_sum)
-            lneg_col = torch.log(col_sum)
-        # positives: log a_i = log mean_k 1/(N_i + e^{t_ik}), and the loss terms
+            row[i0:i1] = torch.logaddexp(row[i0:i1], _logsumexp(t, 1).double())
+            col[j0:j1] = torch.logaddexp(col[j0:j1], _logsumexp(t, 0).double())
+        return row, col
+
+    def _positives_exp(self, b: _Batch, plan, lneg_row, lneg_col, panels):
+        """log Σ_{k∈P(i)} 1/(N_i + e^{t_ik}) for rows and columns of ``panels`` (−inf elsewhere),
+        and their part of the loss sum."""
+        lf, n = self.loss_fn, b.n
+        f64 = dict(dtype=torch.float64, device=self.device)
         la_row = torch.full((n,), _NEG_INF, **f64)
         la_col = torch.full((n,), _NEG_INF, **f64)
         loss_sum = torch.zeros((), **f64)
         inv_size = 1.0 / b.pos.size.double()
         log_eps = math.log(lf.epsilon)
-        for _, i0, i1, j0, j1, m, t in self._positive_tiles(b, plan):
-            ld_r = torch.logaddexp(lneg_row[i0:i1, None], t)
-            ld_c = torch.logaddexp(lneg_col[None, j0:j1], t)
-            la_row[i0:i1] = torch.logaddexp(la_row[i0:i1], torch.logsumexp((-ld_r).masked_fill(~m, _NEG_INF), 1))
-            la_col[j0:j1] = torch.logaddexp(la_col[j0:j1], torch.logsumexp((-ld_c).masked_fill(~m, _NEG_INF), 0))
-            base = log_eps - lf.nu * t
-            terms = (base + ld_r) * inv_size[i0:i1, None] + (base + ld_c) * inv_size[None, j0:j1]
-            loss_sum += terms.masked_fill(~m, 0.0).sum()
+        for k in panels:
+            for _, i0, i1, j0, j1, m, t in self._positive_tiles_of(b, self._load(b, k), plan):
+                ld_r = torch.logaddexp(lneg_row[i0:i1, None], t)
+                ld_c = torch.logaddexp(lneg_col[None, j0:j1], t)
+                la_row[i0:i1] = torch.logaddexp(la_row[i0:i1], torch.logsumexp((-ld_r).masked_fill(~m, _NEG_INF), 1))
+                la_col[j0:j1] = torch.logaddexp(la_col[j0:j1], torch.logsumexp((-ld_c).masked_fill(~m, _NEG_INF), 0))
+                base = log_eps - lf.nu * t
+                terms = (base + ld_r) * inv_size[i0:i1, None] + (base + ld_c) * inv_size[None, j0:j1]
+                loss_sum += terms.masked_fill(~m, 0.0).sum()
+        return la_row, la_col, float(loss_sum)
+
+    def _finish_exp(self, b: _Batch, direct, lneg_row, lneg_col, la_row, la_col, loss_sum) -> dict:
         log_size = torch.log(b.pos.size.double())
-        la_row -= log_size
-        la_col -= log_size
+        la_row = la_row - log_size  # log a_i = log mean_k 1/(N_i + e^{t_ik})
+        la_col = la_col - log_size
         stats = {
             "lneg_row": lneg_row,
             "lneg_col": lneg_col,
             "la_row": la_row.to(self.dtype),
             "la_col": la_col.to(self.dtype),
-            "loss_sum": float(loss_sum) * lf.temperature,
-            "direct": direct,
+            "loss_sum": float(loss_sum) * self.loss_fn.temperature,
+            "direct": bool(direct),
         }
         if direct:
-            # −2n·S_ij = e^{t_ij}(a_i + ã_j) for negatives (see _direct_exp for the range)
+            # −2n·S_ij = e^{t_ij}(a_i + ã_j) for negatives (see _direct for the range)
             stats["alpha"] = torch.exp(la_row).to(self.dtype)
             stats["beta"] = torch.exp(la_col).to(self.dtype)
-        if constant:
+        if self._constant:
             stats["constant"] = (torch.exp(la_row), torch.exp(la_col))
         return stats
 
@@ -503,11 +645,6 @@ class CrossProductOperator:
             e[pos.diagonal(i0, i1, j0, j1)] = 0.0
         else:
             e.masked_fill_(pos.mask(i0, i1, j0, j1), 0.0)
-
-    def _positive_tiles(self, b: _Batch, plan):
-        """Tiles holding positives, all inside one panel: (P, i0, i1, j0, j1, mask, t in float64)."""
-        for P in self._panels(b):
-            yield from self._positive_tiles_of(b, P, plan)
 
     @staticmethod
     def _positive_tiles_of(b: _Batch, P: _Panel, plan):
@@ -531,14 +668,16 @@ class CrossProductOperator:
                 yield P, i0, i1, j0, j1, pos.mask(i0, i1, j0, j1), t
 
     # ----------------------------------------------------- pass 1: general ψ
-    def _positive_slots(self, b: _Batch, plan):
-        """s_{i, start_i+q} and s_{start_j+q, j} for slots q < |P|: two (n, p) matrices."""
+    def _positive_slots(self, b: _Batch, plan, panels):
+        """s_{i, start_i+q} and s_{start_j+q, j} for slots q < |P| of the rows of ``panels``:
+        two (n, p) matrices, zero in other rows."""
         n, pos = b.n, b.pos
         p = pos.max_size
         ar = torch.arange(p, device=self.device)
         spos_row = torch.zeros((n, p), dtype=self.dtype, device=self.device)
         spos_col = torch.zeros((n, p), dtype=self.dtype, device=self.device)
-        for P in self._panels(b):
+        for k in panels:
+            P = self._load(b, k)
             for i0 in range(P.p0, P.p1, plan.block_rows):
                 i1 = min(i0 + plan.block_rows, P.p1)
                 li = P.local(i0, i1)
@@ -546,26 +685,42 @@ class CrossProductOperator:
                 partner = (pos.start[i0:i1, None] + ar[None, :]).clamp(max=P.p1 - 1) - P.p0
                 spos_row[i0:i1] = torch.einsum("ir,iqr->iq", P.zx[li], P.zy[partner])
                 spos_col[i0:i1] = torch.einsum("ir,iqr->iq", P.zy[li], P.zx[partner])
-        valid = ar[None, :] < pos.size[:, None]
-        return spos_row, spos_col, valid
+        return spos_row, spos_col
+
+    def _round_slots(self, split) -> dict:
+        out = {}
+        for k in split:
+            b = self._batches[k]
+            if self._owned(b):
+                out[k] = self._positive_slots(b, self._plan(b.n, self.rank + max(self.shape), b.pos), self._owned(b))
+        return out
 
     def _stats_general(self, b: _Batch, plan) -> dict:
+        """All statistics of a batch whose panels this instance owns."""
+        panels = range(len(b.panels))
+        spos_row, spos_col = self._positive_slots(b, plan, panels)
+        return self._finish_general(b, spos_row, spos_col, *self._negatives_general(b, plan, spos_row, spos_col, panels))
+
+    def _negatives_general(self, b: _Batch, plan, spos_row, spos_col, panels):
+        """A_ik and D_ik sums over the negatives, for rows of ``panels`` and (partial) for
+        every column."""
         n, pos, lf = b.n, b.pos, self.loss_fn
-        nu, eps = lf.nu, lf.epsilon
-        spos_row, spos_col, valid = self._positive_slots(b, plan)
+        nu = lf.nu
         p = spos_row.shape[1]
         acc = dict(dtype=torch.float64, device=self.device)
         a_row, d_row = torch.zeros((n, p), **acc), torch.zeros((n, p), **acc)
         a_col, d_col = torch.zeros((n, p), **acc), torch.zeros((n, p), **acc)
-        constant = self._constant
-        if constant:  # s ≡ 0: each anchor has n − |P(i)| negatives, all with x = 0
+        if self._constant:  # s ≡ 0: each anchor has n − |P(i)| negatives, all with x = 0
             zero = torch.zeros((), **acc)
-            negs = (n - pos.size.double())[:, None].expand(n, p)
-            a_row += negs * lf.psi(zero)
-            d_row += negs * lf.dpsi(zero)
-            a_col += negs * lf.psi(zero)
-            d_col += negs * lf.dpsi(zero)
-        for P, Q, i0, i1, j0, j1 in (() if constant else self._tiles(b, plan, "statistics")):
+            for k in panels:
+                p0, p1 = b.panels[k]
+                negs = (n - pos.size[p0:p1].double())[:, None].expand(p1 - p0, p)
+                a_row[p0:p1] += negs * lf.psi(zero)
+                d_row[p0:p1] += negs * lf.dpsi(zero)
+                a_col[p0:p1] += negs * lf.psi(zero)
+                d_col[p0:p1] += negs * lf.dpsi(zero)
+            return a_row, d_row, a_col, d_col
+        for P, Q, i0, i1, j0, j1 in self._tiles(b, plan, "statistics", panels):
             s = P.zx[P.local(i0, i1)] @ Q.zy[Q.local(j0, j1)].T
             neg = ~pos.mask(i0, i1, j0, j1) if pos.tile_has_positives(i0, i1, j0, j1) else None
             for q in range(int(pos.size[i0:i1].max())):
@@ -576,6 +731,13 @@ class CrossProductOperator:
                 x = s - nu * spos_col[None, j0:j1, q]
                 a_col[j0:j1, q] += _masked_sum(lf.psi(x), neg, 0)
                 d_col[j0:j1, q] += _masked_sum(lf.dpsi(x), neg, 0)
+        return a_row, d_row, a_col, d_col
+
+    def _finish_general(self, b: _Batch, spos_row, spos_col, a_row, d_row, a_col, d_col) -> dict:
+        lf, pos = self.loss_fn, b.pos
+        nu, eps = lf.nu, lf.epsilon
+        acc = dict(dtype=torch.float64, device=self.device)
+        valid = torch.arange(spos_row.shape[1], device=self.device)[None, :] < pos.size[:, None]
         inv_size = (1.0 / pos.size.double())[:, None]
         out = {"loss_sum": 0.0}
         for side, a, d, sp in (("row", a_row, d_row, spos_row), ("col", a_col, d_col, spos_col)):
@@ -583,7 +745,7 @@ class CrossProductOperator:
             a = eps * (a + lf.psi(own))
             d = eps * d
             c = lf.dphi(a) * inv_size * valid
-            if constant:  # a negative's weight at s ≡ 0 is Σ_q c_q ψ'(0) (see _cross_constant)
+            if self._constant:  # a negative's weight at s ≡ 0 is Σ_q c_q ψ'(0) (see _cross_constant)
                 out.setdefault("constant", []).append(eps * c.sum(1) * lf.dpsi(torch.zeros((), **acc)))
             out["loss_sum"] += float((lf.phi(a) * inv_size * valid).sum())
             out[f"c_{side}"] = (eps * c).to(self.dtype)  # weight of ψ' for the negatives
@@ -608,6 +770,8 @@ class CrossProductOperator:
         left = lambda P: P.phi_x if omega_x is None else P.phi_x @ omega_x  # noqa: E731
         right = lambda P: P.phi_y if omega_y is None else P.phi_y @ omega_y  # noqa: E731
         for b in self._batches:
+            if not self._owned(b):
+                continue
             plan = self._plan(b.n, self.rank + min(a, w), b.pos)
             br, bc = plan.block_rows, plan.block_cols
             if "constant" in b.stats:
@@ -615,9 +779,10 @@ class CrossProductOperator:
                 continue
             # outer panels O carry the accumulator R_O; inner panels stream past them
             outer_block, inner_block = (br, bc) if by_rows else (bc, br)
-            total = sum(-(-(p1 - p0) // outer_block) for p0, p1 in b.panels) * len(b.panels)
+            owned = self._owned(b)
+            total = sum(-(-(b.panels[k][1] - b.panels[k][0]) // outer_block) for k in owned) * len(b.panels)
             done = 0
-            for ko in range(len(b.panels)):
+            for ko in owned:
                 O = keep = R = I = other = None
                 O = self._load(b, ko)
                 keep = left(O) if by_rows else right(O)
@@ -651,7 +816,8 @@ class CrossProductOperator:
         """
         alpha, beta = b.stats["constant"]
         sums = corrections = None
-        for k in range(len(b.panels)):
+        owned = self._owned(b)
+        for k in owned:
             P = self._load(b, k)
             A, B = left(P), right(P)
             part = (*_weighted_column_sums(A, alpha[P.p0:P.p1], plan.block_rows),
@@ -666,6 +832,15 @@ class CrossProductOperator:
                 else:
                     c = (Ai.T @ (corr @ Bj)).double()
                 corrections = c if corrections is None else corrections.add_(c)
+        if len(owned) < len(b.panels):
+            # a share of the rows: the rank-two term couples them with every column, so
+            # the column sums are taken over all panels (one extra read, first step only)
+            col = None
+            for k in range(len(b.panels)):
+                P = self._load(b, k)
+                part = _weighted_column_sums(right(P), beta[P.p0:P.p1], plan.block_rows)
+                col = part if col is None else tuple(s + q for s, q in zip(col, part))
+            sums = (*sums[:2], *col)
         a_alpha, a_one, b_beta, b_one = sums
         out = torch.outer(a_alpha, b_one) + torch.outer(a_one, b_beta)
         if corrections is not None:
@@ -784,6 +959,14 @@ def _weighted_column_sums(A: torch.Tensor, w: torch.Tensor, block: int):
         aw += blk.T @ w[i0 : i0 + block]
         a1 += blk.sum(0)  # float64: a plain float32 column sum over millions of rows loses digits
     return aw, a1
+
+
+def _logaddexp_all(parts: list[torch.Tensor]) -> torch.Tensor:
+    """log Σ exp over a list of log-space partials, combined in list order."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = torch.logaddexp(out, p)
+    return out
 
 
 def _is_zero(t: torch.Tensor) -> bool:
