@@ -275,6 +275,7 @@ def test_solve_end_to_end(tmp_path, capsys):
     metrics = json.loads((tmp_path / "runs" / "metrics.json").read_text())
     assert metrics["format"] == "unicon_dist.metrics/1"
     assert metrics["model_file"] == str(tmp_path / "runs" / "model.npz")
+    assert metrics["checkpoint"] is None and not (tmp_path / "runs" / "model.ckpt.npz").exists()
     assert len(metrics["history"]) == model.n_iter_ == metrics["fit"]["n_iter"]
     assert {"validate", "fit", "save", "evaluate", "total"} <= set(metrics["timings"])
     assert metrics["job"]["model"]["memory_budget"] == "64MiB"

@@ -99,7 +99,7 @@ def test_unknown_tables_and_keys_list_the_valid_ones(workdir):
     model_err = next(e for e in errs if "temprature" in e)
     assert model_err.startswith("[model] unknown key 'temprature' (did you mean 'temperature'?); valid keys: rank,")
     for table, valid in (("data", "store, eval_store, groups"), ("executor", "kind, address"),
-                         ("evaluate", "ks, max_rows, seed, block_rows"), ("output", "model, metrics, overwrite")):
+                         ("evaluate", "ks, max_rows, seed, block_rows"), ("output", "model, metrics, checkpoint, overwrite")):
         extra = 'kind = "local"\n' if table == "executor" else ""
         body = {**BASE, "executor": None, "evaluate": None}.get(table) or ""
         errs = errors_of(workdir, **{table: f"{body}\n{extra}bogus = 1"})
@@ -345,3 +345,60 @@ def test_no_rows_read_and_model_validated_before_the_store(workdir, monkeypatch)
     job = load_job(write_job(workdir, job_text(data='store = "labelled.zarr"\neval_store = "train.zarr"')))
     assert job.data.store.has_labels and job.data.store.has_groups
     assert calls == [("validate",), ("open", "r"), ("open", "r")]
+
+
+def test_checkpoint_output(workdir):
+    job = load_job(write_job(workdir, job_text()))
+    assert job.output.checkpoint is None and not job.resume and job.fit_kwargs() == {}
+    # --resume defaults the checkpoint to <model stem>.ckpt.npz next to the model
+    job = load_job(write_job(workdir, job_text()), resume=True)
+    default = workdir / "out" / "model.ckpt.npz"
+    assert job.output.checkpoint == default and job.resume
+    assert job.fit_kwargs() == {"checkpoint": str(default), "resume": True}
+    assert f"checkpoint    {default} (new file, written after every iteration; no checkpoint to resume from)" \
+        in job.describe()
+    assert job.to_dict()["output"]["checkpoint"] == str(default) and job.to_dict()["resume"] is True
+    job = load_job(write_job(workdir, job_text(output='model = "out/model.npz"\ncheckpoint = "ck/fit.npz"')))
+    assert job.output.checkpoint == workdir / "ck" / "fit.npz"
+    assert job.fit_kwargs() == {"checkpoint": str(workdir / "ck" / "fit.npz"), "resume": False}
+    assert not (workdir / "ck").exists()  # validation creates nothing
+
+    errs = errors_of(workdir, output='model = "m.npz"\ncheckpoint = "c.txt"')
+    assert errs == [f"[output] checkpoint must be a .npz file, got {workdir / 'c.txt'}"]
+    errs = errors_of(workdir, output='model = "m.npz"\ncheckpoint = 3')
+    assert errs == ["[output] checkpoint must be a path string, got 3 (integer)"]
+    errs = errors_of(workdir, output='model = "m.npz"\ncheckpoint = "m.npz"')
+    assert "[output] checkpoint must be a different file from model and metrics" in errs
+    errs = errors_of(workdir, output='model = "m.npz"\ncheckpoint = "train.zarr/c.npz"')
+    assert errs == [f"[output] checkpoint: {workdir / 'train.zarr' / 'c.npz'} lies inside the pair store "
+                    f"{workdir / 'train.zarr'}"]
+
+
+def test_existing_checkpoint(workdir):
+    ckpt = workdir / "out" / "model.ckpt.npz"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"someone's data")
+    for resume in (False, True):  # a file that is not a checkpoint is never replaced
+        with pytest.raises(JobError) as info:
+            load_job(write_job(workdir, job_text(output='model = "out/model.npz"\ncheckpoint = "out/model.ckpt.npz"')),
+                     resume=resume)
+        assert info.value.errors[0].startswith(f"[output] checkpoint: cannot read checkpoint {ckpt}")
+        assert info.value.errors[0].endswith("refusing to replace or resume it")
+
+    ckpt.unlink()
+    ud.UniCon(rank=4, temperature=0.5, max_iter=2).fit(workdir / "train.zarr", checkpoint=ckpt)
+    text = job_text(model="rank = 4\ntemperature = 0.5\nmax_iter = 2")
+    # no overwrite needed for the checkpoint, resumed or replaced
+    job = load_job(write_job(workdir, text), resume=True)
+    assert "resumes a finished fit (2 iterations): restored, nothing refitted" in job.describe()
+    job = load_job(write_job(workdir, text.replace('"out/model.npz"', '"out/model.npz"\ncheckpoint = '
+                                                   '"out/model.ckpt.npz"')))
+    assert "exists and will be replaced after the first iteration; pass --resume" in job.describe()
+    # resuming a checkpoint of another fit is refused during validation, naming the field
+    other = job_text(model="rank = 4\ntemperature = 0.5\nmax_iter = 3")
+    with pytest.raises(JobError) as info:
+        load_job(write_job(workdir, other), resume=True)
+    assert info.value.errors == [f"[output] checkpoint: checkpoint {ckpt} was written by a different fit: max_iter "
+                                 "is 2 in the checkpoint but 3 now; resume with the same data and settings, or "
+                                 "delete the checkpoint to start over"]
+    load_job(write_job(workdir, other))  # without --resume no checkpoint is used

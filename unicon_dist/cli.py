@@ -115,7 +115,7 @@ def cmd_solve(args) -> int:
     from unicon_dist.jobs import load_job, run_job
 
     t0 = time.perf_counter()
-    job = load_job(args.job)
+    job = load_job(args.job, resume=args.resume)
     validate_s = time.perf_counter() - t0
     print(job.describe())
     if args.dry_run:
@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the metrics JSON, and evaluate on [data] eval_store when given.")
     solve.add_argument("job", type=Path, help="the job file (see examples/fashion_mnist.toml)")
     solve.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    solve.add_argument("--resume", action="store_true",
+                       help="continue the fit from its checkpoint ([output] checkpoint, default MODEL-STEM.ckpt.npz "
+                            "next to the model) when it exists, else start from scratch; either way a checkpoint is "
+                            "written after every iteration, so pass --resume on every submission of a job that "
+                            "may be killed")
     solve.add_argument("-q", "--quiet", action="store_true", help="no progress logging during the fit")
     solve.set_defaults(func=cmd_solve)
 

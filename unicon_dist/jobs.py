@@ -23,6 +23,7 @@ A job names the training store, the UniCon options, the executor and the outputs
     [output]
     model = "runs/fashion-mnist/model.npz"
     metrics = "runs/fashion-mnist/metrics.json"   # optional
+    checkpoint = "runs/fashion-mnist/model.ckpt.npz"  # optional; the default with --resume
     overwrite = false
 
 :func:`load_job` checks every table and key (types, ranges, unknown keys with the list
@@ -31,6 +32,12 @@ validation, then opens the stores read-only to check their schema (rows, dims, g
 labels) against the options (rank ≤ features where the feature count is known) -- no
 rows are read -- and checks that the outputs can be written.  Every problem found is
 reported at once, one line each, naming the file, the table and the key.
+
+Checkpoints: with ``[output] checkpoint`` (or ``load_job(path, resume=True)``, which
+defaults it to ``<model stem>.ckpt.npz`` next to the model) the fit writes its state after
+every iteration; with ``resume=True`` an existing checkpoint is checked against the job
+(format, options, store path and committed rows) during validation and the fit continues
+from it.  The checkpoint is working state, not an output: ``overwrite`` does not apply.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ _EXECUTOR_KINDS = ("local", "ray")
 _RAY_KEYS = ("address", "num_workers", "num_gpus_per_worker")
 _EXECUTOR_KEYS = ("kind",) + _RAY_KEYS
 _EVALUATE_KEYS = ("ks", "max_rows", "seed", "block_rows")
-_OUTPUT_KEYS = ("model", "metrics", "overwrite")
+_OUTPUT_KEYS = ("model", "metrics", "checkpoint", "overwrite")
 DEFAULT_MAX_ROWS = 10_000
 # the number of landmarks UniCon takes by default for a nonlinear kernel (capped by n)
 _DEFAULT_LANDMARKS = 1000
@@ -255,11 +262,16 @@ class EvaluateSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """``[output]``: the model file, the optional metrics JSON, and whether to replace them."""
+    """``[output]``: the model file, the optional metrics JSON, and whether to replace them.
+
+    ``checkpoint`` is the fit's checkpoint file (None: no checkpoints); it is replaced or
+    continued freely, whatever ``overwrite`` says.
+    """
 
     model: Path
     metrics: Path | None = None
     overwrite: bool = False
+    checkpoint: Path | None = None
 
     def check_writable(self) -> None:
         """Raise if an output exists and ``overwrite`` is false (called again just before writing)."""
@@ -279,6 +291,7 @@ class Job:
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     output: OutputSpec | None = None
     raw: Mapping[str, Any] = field(repr=False, compare=False, hash=False, default_factory=dict)
+    resume: bool = False
 
     def make_model(self, **overrides):
         """A fresh, unfitted :class:`~unicon_dist.UniCon` with the job's options."""
@@ -288,7 +301,29 @@ class Job:
 
     def fit_kwargs(self) -> dict:
         """Keyword arguments of ``model.fit(store, ...)`` besides the executor."""
-        return {"groups": False} if self.data.groups is False else {}
+        kwargs = {"groups": False} if self.data.groups is False else {}
+        if self.output is not None and self.output.checkpoint is not None:
+            kwargs.update(checkpoint=str(self.output.checkpoint), resume=self.resume)
+        return kwargs
+
+    def checkpoint_state(self) -> str | None:
+        """What the fit will do with the checkpoint, in words (None without one)."""
+        p = None if self.output is None else self.output.checkpoint
+        if p is None:
+            return None
+        if not p.exists():
+            return "new file, written after every iteration" + ("; no checkpoint to resume from" if self.resume else "")
+        if not self.resume:
+            return "exists and will be replaced after the first iteration; pass --resume to continue from it"
+        from .checkpoint import read_checkpoint_header
+
+        try:
+            header = read_checkpoint_header(p)
+        except (ValueError, FileNotFoundError) as exc:
+            return f"unreadable: {exc}"
+        if header["finished"]:
+            return f"resumes a finished fit ({header['iteration']} iterations): restored, nothing refitted"
+        return f"resumes after iteration {header['iteration']}"
 
     def describe(self) -> str:
         """The plan, as printed by ``unicon-dist solve``."""
@@ -315,6 +350,8 @@ class Job:
             if p is not None:
                 state = "replaces the existing file" if p.exists() else "new file"
                 lines.append(f"  output {key:<8}{p} ({state})")
+        if self.output.checkpoint is not None:
+            lines.append(f"  checkpoint    {self.output.checkpoint} ({self.checkpoint_state()})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -336,7 +373,9 @@ class Job:
                          "seed": self.evaluate.seed, "block_rows": self.evaluate.block_rows},
             "output": {"model": str(self.output.model),
                        "metrics": None if self.output.metrics is None else str(self.output.metrics),
+                       "checkpoint": None if self.output.checkpoint is None else str(self.output.checkpoint),
                        "overwrite": self.output.overwrite},
+            "resume": self.resume,
         }
 
 
@@ -477,13 +516,17 @@ def _check_output_path(key: str, path: Path, suffix: str, overwrite: bool, error
         errors.append(f"[output] {key}: cannot create {path}: folder {parent} is not writable")
 
 
-def load_job(path) -> Job:
+def load_job(path, *, resume: bool = False) -> Job:
     """Read and fully validate a TOML job file.
 
     Parameters
     ----------
     path : str or Path
         The job file.  Relative paths inside it resolve against its folder.
+    resume : bool
+        Continue the fit from its checkpoint (``unicon-dist solve --resume``):
+        ``[output] checkpoint``, by default ``<model stem>.ckpt.npz`` next to the model.
+        An existing checkpoint must belong to this job (same options and store rows).
 
     Returns
     -------
@@ -503,7 +546,9 @@ def load_job(path) -> Job:
     options through ``UniCon(**options)._validate_params()``; the stores, opened
     read-only for their schema only (no rows are read); the bounds that need both
     (rank ≤ features, n_landmarks ≤ rows, equal dims of the evaluation store); the
-    outputs (suffix, no clobbering unless ``overwrite = true``, folder creatable).
+    outputs (suffix, no clobbering unless ``overwrite = true``, folder creatable); an
+    existing checkpoint (a unicon_dist checkpoint, never another file; with ``resume``,
+    written by this job's fit).
     """
     path = Path(path)
     if not path.is_file():
@@ -620,7 +665,7 @@ def load_job(path) -> Job:
         errors.append(f"[output] overwrite must be true or false, got {overwrite!r} ({_type_name(overwrite)})")
         overwrite = False
     out_paths = {}
-    for key in ("model", "metrics"):
+    for key in ("model", "metrics", "checkpoint"):
         if key in out:
             if isinstance(out[key], str) and out[key]:
                 out_paths[key] = _resolve(base, out[key])
@@ -628,10 +673,17 @@ def load_job(path) -> Job:
                 errors.append(f"[output] {key} must be a path string, got {out[key]!r} ({_type_name(out[key])})")
     if "model" not in out and "output" in raw:
         errors.append('[output] model is required (where the fitted model is written, e.g. model = "model.npz")')
+    if resume and "checkpoint" not in out and "model" in out_paths:
+        model_path = out_paths["model"]
+        out_paths["checkpoint"] = model_path.with_name(f"{model_path.stem}.ckpt.npz")
     if "model" in out_paths and out_paths["model"] == out_paths.get("metrics"):
         errors.append("[output] model and metrics must be different files")
+    if "checkpoint" in out_paths and out_paths["checkpoint"] in (out_paths.get("model"), out_paths.get("metrics")):
+        errors.append("[output] checkpoint must be a different file from model and metrics")
     for key, p in out_paths.items():
-        _check_output_path(key, p, ".npz" if key == "model" else ".json", overwrite, errors)
+        # the checkpoint is the fit's working state: replacing or continuing it needs no overwrite
+        _check_output_path(key, p, ".json" if key == "metrics" else ".npz",
+                           overwrite or key == "checkpoint", errors)
 
     # the stores: schema only, opened read-only (no rows are read)
     train = _open_store("data", "store", store_path, errors) if store_path is not None else None
@@ -648,6 +700,10 @@ def load_job(path) -> Job:
                     errors.append(f"[output] {key}: {p} lies inside the pair store {info.path}")
         if model_ok:
             errors += _check_model_against_store(kwargs, train)
+    ckpt = out_paths.get("checkpoint")
+    if ckpt is not None and ckpt.is_file():
+        use_groups = None if train is None else (train.has_groups if groups is None else groups)
+        errors += _check_checkpoint(ckpt, resume, kwargs if model_ok else None, train, use_groups)
 
     if errors:
         raise JobError(path, errors)
@@ -657,9 +713,37 @@ def load_job(path) -> Job:
         model_options=MappingProxyType(dict(tables["model"])),
         executor=executor,
         evaluate=evaluate,
-        output=OutputSpec(model=out_paths["model"], metrics=out_paths.get("metrics"), overwrite=overwrite),
+        output=OutputSpec(model=out_paths["model"], metrics=out_paths.get("metrics"), overwrite=overwrite,
+                          checkpoint=out_paths.get("checkpoint")),
         raw=MappingProxyType(raw),
+        resume=bool(resume),
     )
+
+
+def _check_checkpoint(path: Path, resume: bool, kwargs: dict | None, train: StoreInfo | None,
+                      use_groups: bool | None) -> list[str]:
+    """An existing checkpoint file: a unicon_dist checkpoint and, to resume, one of this job's fit.
+
+    ``kwargs`` is None when the model options have errors of their own (reported already).
+    """
+    from .checkpoint import check_fingerprint, read_checkpoint_header, store_fingerprint
+    from .model import UniCon
+
+    try:
+        header = read_checkpoint_header(path)
+    except ValueError as exc:
+        # never replace a file that is not a checkpoint, even without resume
+        return [f"[output] checkpoint: {exc}; refusing to replace or resume it"]
+    if not resume or kwargs is None or train is None:
+        return []
+    model = UniCon(**kwargs)
+    loss_fn = model._validate_params()[0]
+    data = store_fingerprint(train.path, train.n_rows, train.dim_x, train.dim_y, train.dtype, bool(use_groups))
+    try:
+        check_fingerprint(path, header, model._fingerprint(loss_fn, data))
+    except ValueError as exc:
+        return [f"[output] checkpoint: {exc}"]
+    return []
 
 
 def _inside(p: Path, folder: Path) -> bool:
@@ -700,7 +784,9 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
     """Fit, save and evaluate a validated job; returns the metrics record.
 
     Steps: build the model and the executor; ``model.fit(store, executor=...)`` (the
-    store's groups unless ``[data] groups = false``); write the model atomically with
+    store's groups unless ``[data] groups = false``; with a checkpoint, written after
+    every iteration and, for a job loaded with ``resume=True``, continued from when it
+    exists); write the model atomically with
     ``model.save``; evaluate it on ``[data] eval_store`` when given; write the metrics
     JSON (atomically) when ``[output] metrics`` is given.  The model is written before
     the evaluation starts, so a failing evaluation loses nothing.
@@ -721,7 +807,9 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
         (UTC ISO times), ``fit`` (n_iter, converged, best_iteration, loss,
         initial_loss, svd_solver, feature counts), ``history`` (``model.history_``),
         ``timings`` (seconds: validate, fit, save, evaluate, total), ``evaluation``
-        (:func:`unicon_dist.evaluation.evaluate_store` output or None), ``model_file``.
+        (:func:`unicon_dist.evaluation.evaluate_store` output or None), ``model_file``,
+        ``checkpoint`` (None, or its ``path`` and ``resumed_after_iteration``: the
+        checkpoint's iteration when the fit resumed from one, else None).
     """
     import time
     from datetime import datetime, timezone
@@ -734,9 +822,28 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
     verbose = {} if "verbose" in job.model_options else {"verbose": True}
     model = job.make_model(**verbose)
     executor = job.executor.make()
+    checkpoint = None
+    if job.output.checkpoint is not None:
+        checkpoint = {"path": str(job.output.checkpoint), "resumed_after_iteration": None}
+        if job.resume and job.output.checkpoint.exists():
+            from .checkpoint import read_checkpoint_header
+
+            header = read_checkpoint_header(job.output.checkpoint)
+            checkpoint["resumed_after_iteration"] = header["iteration"]
+            state = "a finished fit" if header["finished"] else f"after iteration {header['iteration']}"
+            echo(f"resuming from checkpoint {job.output.checkpoint} ({state})")
+        elif job.resume:
+            echo(f"no checkpoint at {job.output.checkpoint}; fitting from scratch")
     echo(f"fitting on {job.data.store.path} ({job.data.store.n_rows:,} pairs) ...")
+    if checkpoint is not None:
+        echo(f"  checkpoint after every iteration: {job.output.checkpoint}")
     t0 = time.perf_counter()
-    model.fit(str(job.data.store.path), executor=executor, **job.fit_kwargs())
+    try:
+        model.fit(str(job.data.store.path), executor=executor, **job.fit_kwargs())
+    finally:
+        shutdown = getattr(executor, "shutdown", None)
+        if shutdown is not None:  # Ray actors (and an embedded Ray) end with the fit
+            shutdown()
     timings["fit"] = time.perf_counter() - t0
     for h in model.history_:
         echo(f"  iteration {h['iteration']:>3}  loss {h['loss']:.5f}  objective {h['objective']:.5f}  "
@@ -777,6 +884,7 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
         "timings": timings,
         "evaluation": evaluation,
         "model_file": str(job.output.model),
+        "checkpoint": checkpoint,
     }
     if job.output.metrics is not None:
         atomic_write_text(job.output.metrics, json.dumps(record, indent=2) + "\n")

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
+from . import checkpoint as _ckpt
 from .closed_form import FACTORIZATIONS, closed_form_step
 from .kernels import Kernel, Linear, get_kernel, kernel_from_params, median_sample
 from .losses import get_loss, loss_from_params
 from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
 from .persistence import atomic_save_npz, load_npz
 from .progress import LogProgress
+from .rows import StoreRows, embed, features, inverse_norms
 from .streamed import CrossProductOperator, make_batches
 from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 
@@ -257,7 +261,7 @@ class UniCon:
         return loss_fn, kernels, device, dtype
 
     # -------------------------------------------------------------- fitting
-    def fit(self, X, Y=None, groups=None, *, executor=None):
+    def fit(self, X, Y=None, groups=None, *, executor=None, checkpoint=None, resume=False):
         """Fit the encoders on paired views, in memory or streamed from a pair store.
 
         Parameters
@@ -274,6 +278,18 @@ class UniCon:
             to ignore them.
         executor : LocalExecutor, optional
             Runs the passes over a store (default: a new :class:`LocalExecutor`).
+        checkpoint : str or Path, optional
+            A checkpoint file (``.npz``) written atomically after every iteration: the
+            iterate, the best iterate so far, the history and the feature maps (see
+            :mod:`unicon_dist.checkpoint`).  Without ``resume`` an existing checkpoint
+            there is replaced after the first iteration; any other file is refused.
+        resume : bool
+            Continue from ``checkpoint`` when it exists: the feature maps are restored
+            rather than refitted and the iteration goes on after the checkpoint's
+            iteration k (a finished fit is only restored).  The checkpoint must come from
+            a fit with the same options (``verbose`` aside) and data; otherwise a
+            ValueError names the first field that differs.  When the file does not exist
+            the fit starts from scratch (logged at INFO).
 
         Returns
         -------
@@ -284,13 +300,26 @@ class UniCon:
         A fit from a store equals the in-memory fit on the same rows up to float
         round-off.  Nyström landmarks are then drawn with ``landmarks="uniform"`` only
         (k-means++ and leverage sampling need every row in memory).
+
+        Every pass is deterministic, so a fit resumed from a checkpoint on the same
+        device and executor ends with the same model, bit for bit, as an uninterrupted
+        one (``F1_``, ``F2_``, ``W_``, the losses in ``history_``; the per-iteration
+        seconds are those measured when each iteration ran).
         """
         loss_fn, kernels, device, dtype = self._validate_params()
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs checkpoint= (the checkpoint file to continue from)")
         store = _as_store(X)
         if store is not None:
             if Y is not None:
                 raise ValueError("fit(store) takes both views from the store; do not pass Y")
-            return self._fit_store(store, groups, executor, loss_fn, kernels, device, dtype)
+
+            def data():
+                use_groups = groups is not False and store.has_groups
+                return _ckpt.store_fingerprint(store.path, len(store), store.dim_x, store.dim_y, store.dtype, use_groups)
+
+            with self._checkpointing(checkpoint, resume, loss_fn, data, device):
+                return self._fit_store(store, groups, executor, loss_fn, kernels, device, dtype)
         if executor is not None:
             raise ValueError("executor= runs passes over a PairStore; pass the store (or its path) as X")
         if Y is None:
@@ -300,10 +329,13 @@ class UniCon:
         n = check_same_rows(X=X, Y=Y)
         if n < 2:
             raise ValueError(f"need at least 2 pairs to contrast, got {n}")
-        self.map_x_, self.map_y_ = (self._fit_map(A, k, name) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y")))
-        phi_x, phi_y = self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype)
-        self._start(loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
-        return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
+        with self._checkpointing(checkpoint, resume, loss_fn, lambda: _ckpt.array_fingerprint(X, Y, groups), device):
+            self.map_x_, self.map_y_ = (
+                self._fit_map(A, k, name) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y"))
+            )
+            phi_x, phi_y = self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype)
+            self._start(loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
+            return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
 
     def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype):
         from .executors import LocalExecutor
@@ -318,10 +350,13 @@ class UniCon:
         elif store.has_groups:
             groups = store.read_groups()
         executor = LocalExecutor() if executor is None else executor
+        # the driver of a distributed executor (e.g. a CPU-only Ray head) keeps its own
+        # state -- feature maps, encoders, W -- on the CPU; ``device`` is where workers compute
+        driver = torch.device("cpu") if getattr(executor, "distributed", False) else device
 
         def read(rows, side):
             x, y, _ = store.read(rows)
-            return torch.as_tensor(x if side == "x" else y, device=device)
+            return torch.as_tensor(x if side == "x" else y, device=driver)
 
         maps = []
         for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y)):
@@ -340,12 +375,9 @@ class UniCon:
                         executor)
 
         def make_operator(F1, F2):
-            def loader(rows):
-                x, y, _ = store.read(rows)
-                X = torch.as_tensor(x, device=device)
-                Y = torch.as_tensor(y, device=device)
-                return self._embed(self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype), F1, F2)
-
+            # a picklable loader: a Ray worker reopens the store from its path
+            loader = StoreRows(str(store.path), self.map_x_, self.map_y_, F1, F2, str(self.similarity), dtype,
+                               str(device), _store=store)
             return executor.cross_product_operator(
                 loader, n, (mx, my), 1 if F1 is None else int(self.rank), plan=self.plan_,
                 loss=self.loss_fn_, negatives=self.negatives, batch_split=self.batch_split, groups=groups,
@@ -354,7 +386,7 @@ class UniCon:
                 device=device, dtype=dtype, progress=LogProgress(logger) if self.verbose else None,
             )
 
-        return self._iterate(make_operator, device)
+        return self._iterate(make_operator, driver)
 
     def _start(self, loss_fn, dx, dy, mx, my):
         if self.rank > min(mx, my):
@@ -365,22 +397,39 @@ class UniCon:
         self.n_inputs_x_, self.n_inputs_y_ = dx, dy
 
     def _iterate(self, make_operator, device):
-        """The fixed point: closed-form steps on the operators ``make_operator(F1, F2)`` gives."""
+        """The fixed point: closed-form steps on the operators ``make_operator(F1, F2)`` gives.
+
+        Under ``fit(checkpoint=...)`` the state is written after every step.  Resuming
+        after step k rebuilds the operator of the checkpoint's F1, F2: every pass is
+        deterministic, so it is the operator the uninterrupted fit built at the end of
+        step k, bit for bit, and the steps that follow are the same too.
+        """
         mx, my = self.n_features_x_, self.n_features_y_
-        self.history_ = []
-        self.converged_ = False
-        W_prev = torch.zeros((mx, my), dtype=torch.float64, device=device)
-        best = None  # (objective, iteration, F1, F2, W)
-        op = make_operator(None, None)
-        self.initial_loss_ = op.loss
-        for it in range(1, int(self.max_iter) + 1):
+        run = self.__dict__.get("_checkpoint_run")
+        start, finished, op = 1, False, None
+        if run is not None and run.header is not None:
+            k, finished, F1, F2, W_prev, best = self._restore_fit_state(run, device)
+            start, delta = k + 1, self.history_[-1]["delta_w"]
+            if not finished:
+                op = make_operator(F1, F2)
+        else:
+            self.history_ = []
+            self.converged_ = False
+            W_prev = torch.zeros((mx, my), dtype=torch.float64, device=device)
+            best = None  # (objective, iteration, F1, F2, W)
+            op = make_operator(None, None)
+            self.initial_loss_ = op.loss
+        stop = start if finished else int(self.max_iter) + 1
+        for it in range(start, stop):
             t0 = time.perf_counter()
             C = op if self._matrix_free else op.materialize()
             F1, F2 = closed_form_step(
                 C, int(self.rank), self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
                 oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter), seed=self.seed,
             )
-            F1, F2 = F1.to(device), F2.to(device)
+            # contiguous, like the arrays a resumed fit reads back, so that both multiply
+            # the same memory layouts (BLAS results can depend on them)
+            F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
             W = F1.T @ F2
             delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
             # the next step's statistics give L at W_k (pass 1 only when this is the last step)
@@ -396,10 +445,13 @@ class UniCon:
             if best is None or objective < best[0]:
                 best = (objective, it, F1, F2, W)
             W_prev = W
-            if delta < self.tol:
-                self.converged_ = True
+            self.converged_ = delta < self.tol
+            if run is not None:
+                run.write(self, it, F1, F2, W, best, finished=self.converged_ or it == int(self.max_iter))
+            if self.converged_:
                 break
-        op.release()
+        if op is not None:
+            op.release()
         self.n_iter_ = len(self.history_)
         # The fixed-point map need not contract (small τ with cosine similarity can
         # oscillate), so the encoders kept are those of the iterate with the lowest
@@ -416,8 +468,88 @@ class UniCon:
         self.W_ = W.cpu().numpy()
         return self
 
+    # ---------------------------------------------------------- checkpoints
+    @contextlib.contextmanager
+    def _checkpointing(self, path, resume: bool, loss_fn, data, device):
+        """Within this block, :meth:`_iterate` writes ``path`` after every step and, with
+        ``resume``, starts from it; ``data()`` gives the data part of the fingerprint."""
+        if path is None:
+            yield
+            return
+        run = _CheckpointRun(Path(path), self._fingerprint(loss_fn, data()))
+        if run.path.is_dir():
+            raise ValueError(f"checkpoint {run.path} is a directory; pass the path of a file (e.g. fit.ckpt.npz)")
+        if resume:
+            run.resume(device)
+        elif run.path.exists():
+            try:  # an old checkpoint is replaced; any other file (a saved model, say) is not
+                _ckpt.read_checkpoint_header(run.path)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; refusing to replace it with a checkpoint") from None
+        # _iterate and _fit_map* find the run here: _fit_store's signature stays untouched
+        self._checkpoint_run = run
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_checkpoint_run", None)
+
+    def _fingerprint(self, loss_fn, data: dict) -> dict:
+        """What a checkpoint must match to be resumed: the options, then the data.
+
+        ``verbose`` is left out (it changes no number).  Scalar options come before the
+        loss and kernel objects, so that a changed temperature is reported as such rather
+        than as the loss that carries it.
+        """
+        params = self._params_json(loss_fn)
+        del params["verbose"]
+        ordered = sorted(params, key=lambda k: isinstance(params[k], dict))
+        return {**{k: params[k] for k in ordered}, **data}
+
+    def _restored_map(self, name: str):
+        """(True, the checkpoint's map of view ``name``) when resuming, else (False, None)."""
+        run = self.__dict__.get("_checkpoint_run")
+        if run is None or run.header is None:
+            return False, None
+        return True, run.maps[name.lower()]
+
+    def _restore_fit_state(self, run: "_CheckpointRun", device):
+        """Set ``history_``, ``converged_``, ``initial_loss_`` from the checkpoint and return
+        (k, finished, F1_k, F2_k, W_k, best) to continue the iteration with."""
+        h, a = run.header, run.arrays
+        mx, my, r = self.n_features_x_, self.n_features_y_, int(self.rank)
+        expected = {
+            "svd_solver": (h.get("svd_solver"), self.svd_solver_),
+            "n_features": (h.get("n_features"), [mx, my]),
+            "n_inputs": (h.get("n_inputs"), [self.n_inputs_x_, self.n_inputs_y_]),
+            "F1 shape": (a["F1"].shape if "F1" in a else None, (r, mx)),
+            "F2 shape": (a["F2"].shape if "F2" in a else None, (r, my)),
+            "W shape": (a["W"].shape if "W" in a else None, (mx, my)),
+        }
+        for key, (saved, now) in expected.items():
+            if saved != now:
+                raise ValueError(f"checkpoint {run.path} does not fit this model: {key} is {saved!r} there, "
+                                 f"{now!r} here; delete it to start over")
+
+        def tensor(name):
+            return torch.as_tensor(np.ascontiguousarray(a[name]), device=device)
+
+        k = int(h["iteration"])
+        F1, F2, W = tensor("F1"), tensor("F2"), tensor("W")
+        objective, best_it = float(h["best"]["objective"]), int(h["best"]["iteration"])
+        if best_it == k:
+            best = (objective, k, F1, F2, W)
+        else:
+            best = (objective, best_it, tensor("best_F1"), tensor("best_F2"), tensor("best_W"))
+        self.history_ = [dict(entry) for entry in h["history"]]
+        self.converged_ = bool(h["converged"])
+        self.initial_loss_ = float(h["initial_loss"])
+        return k, bool(h["finished"]), F1, F2, W, best
+
     def _fit_map(self, A: torch.Tensor, kernel: Kernel, name: str) -> NystroemMap | None:
         """The Nyström map of one view, or None when the inputs are the features."""
+        restored, fmap = self._restored_map(name)
+        if restored:
+            return fmap
         if self.n_landmarks is None and isinstance(kernel, Linear):
             return None
         m = int(self.n_landmarks) if self.n_landmarks is not None else min(A.shape[0], _DEFAULT_LANDMARKS)
@@ -427,6 +559,9 @@ class UniCon:
 
     def _fit_map_rows(self, read, n: int, dim: int, kernel: Kernel, name: str) -> NystroemMap | None:
         """:meth:`_fit_map` reading only the rows it needs: ``read(rows)`` returns them."""
+        restored, fmap = self._restored_map(name)
+        if restored:
+            return fmap
         if self.n_landmarks is None and isinstance(kernel, Linear):
             return None
         if self.landmarks != "uniform":
@@ -440,9 +575,7 @@ class UniCon:
         kernel = kernel.resolve(read(np.arange(n) if sample is None else sample), seed=self.seed)
         return NystroemMap.from_landmarks(kernel, read(uniform_landmarks(n, m, self.seed)), self.eig_floor, name)
 
-    @staticmethod
-    def _features(A: torch.Tensor, fmap: NystroemMap | None, dtype) -> torch.Tensor:
-        return A.to(dtype) if fmap is None else fmap.transform(A, dtype=dtype)
+    _features = staticmethod(features)
 
     def _svd_plan(self, mx: int, my: int) -> tuple[str, bool]:
         """(solver, matrix_free) for the rank-r step."""
@@ -457,21 +590,8 @@ class UniCon:
         return "randomized", r + min(mx, my) > sketch_cost
 
     def _embed(self, phi_x, phi_y, F1, F2):
-        """(Φ_X, Φ_Y, z_x, z_y) at the encoders F1, F2 (None: s = 0, the first step).
-
-        For cosine similarity the embeddings are normalised and the feature rows scaled
-        by the same 1/‖f(x_i)‖, which linearises the normalisation at the current encoders.
-        """
-        if F1 is None:
-            z = torch.zeros((phi_x.shape[0], 1), dtype=phi_x.dtype, device=phi_x.device)
-            return phi_x, phi_y, z, z
-        zx = phi_x @ F1.to(phi_x.dtype).T
-        zy = phi_y @ F2.to(phi_y.dtype).T
-        if self.similarity == "cosine":
-            sx, sy = _inverse_norms(zx), _inverse_norms(zy)
-            zx, zy = zx * sx[:, None], zy * sy[:, None]
-            phi_x, phi_y = phi_x * sx[:, None], phi_y * sy[:, None]
-        return phi_x, phi_y, zx, zy
+        """(Φ_X, Φ_Y, z_x, z_y) at the encoders F1, F2 (see :func:`unicon_dist.rows.embed`)."""
+        return embed(phi_x, phi_y, F1, F2, str(self.similarity))
 
     def _operator(self, phi_x, phi_y, F1, F2, groups) -> CrossProductOperator:
         """S(γ) at the current encoders over in-memory features; F1 = None means s = 0."""
@@ -501,7 +621,7 @@ class UniCon:
         Ft = torch.as_tensor(F, device=A.device).to(dtype)
         Z = self._features(A, fmap, dtype) @ Ft.T
         if self.similarity == "cosine":
-            Z = Z * _inverse_norms(Z)[:, None]
+            Z = Z * inverse_norms(Z)[:, None]
         return Z if was_tensor else Z.cpu().numpy()
 
     def encode_x(self, X):
@@ -526,22 +646,12 @@ class UniCon:
     def save(self, path):
         """Write the fitted model to one .npz file (JSON header + arrays), atomically."""
         self._check_fitted()
-        params = self.get_params()
-        params["loss"] = self.loss_fn_.params()
-        for key in ("kernel", "kernel_x", "kernel_y"):
-            if isinstance(params[key], Kernel):
-                params[key] = {"kernel": params[key].params()}
-        arrays = {"F1": self.F1_, "F2": self.F2_}
-        maps = {}
-        for side, fmap in (("x", self.map_x_), ("y", self.map_y_)):
-            if fmap is not None:
-                maps[side] = {"kernel": fmap.kernel.params(), "eig_floor": fmap.eig_floor}
-                arrays[f"landmarks_{side}"] = fmap.landmarks.cpu().numpy()
-                arrays[f"normalization_{side}"] = fmap.normalization.cpu().numpy()
+        maps, map_arrays = self._maps_state()
+        arrays = {"F1": self.F1_, "F2": self.F2_, **map_arrays}
         header = {
             "format": _FORMAT,
             "version": __version__,
-            "params": params,
+            "params": self._params_json(self.loss_fn_),
             "n_features_x": self.n_features_x_,
             "n_features_y": self.n_features_y_,
             "n_inputs_x": self.n_inputs_x_,
@@ -557,6 +667,39 @@ class UniCon:
         }
         return atomic_save_npz(path, header, arrays)
 
+    def _params_json(self, loss_fn) -> dict:
+        """get_params() as JSON: the loss as its parameters, kernel objects as theirs."""
+        params = self.get_params()
+        params["loss"] = loss_fn.params()
+        for key in ("kernel", "kernel_x", "kernel_y"):
+            if isinstance(params[key], Kernel):
+                params[key] = {"kernel": params[key].params()}
+        return params
+
+    def _maps_state(self) -> tuple[dict, dict]:
+        """The fitted feature maps as (JSON header part, arrays); inverse of :meth:`_maps_from_state`."""
+        maps, arrays = {}, {}
+        for side, fmap in (("x", self.map_x_), ("y", self.map_y_)):
+            if fmap is not None:
+                maps[side] = {"kernel": fmap.kernel.params(), "eig_floor": fmap.eig_floor}
+                arrays[f"landmarks_{side}"] = fmap.landmarks.cpu().numpy()
+                arrays[f"normalization_{side}"] = fmap.normalization.cpu().numpy()
+        return maps, arrays
+
+    @staticmethod
+    def _maps_from_state(maps: dict, arrays: dict, device=None) -> dict:
+        """{"x": map or None, "y": map or None} from what :meth:`_maps_state` wrote."""
+        out = {}
+        for side in ("x", "y"):
+            spec = maps.get(side)
+            out[side] = None if spec is None else NystroemMap(
+                kernel_from_params(spec["kernel"]),
+                torch.as_tensor(arrays[f"landmarks_{side}"], device=device),
+                torch.as_tensor(arrays[f"normalization_{side}"], device=device),
+                float(spec["eig_floor"]),
+            )
+        return out
+
     @classmethod
     def load(cls, path) -> "UniCon":
         """Read a model written by :meth:`save`."""
@@ -569,17 +712,8 @@ class UniCon:
             if isinstance(params.get(key), dict):
                 params[key] = kernel_from_params(params[key]["kernel"])
         model = cls(**params, loss=loss_fn)
-        for side in ("x", "y"):
-            spec = header["maps"].get(side)
-            fmap = None
-            if spec is not None:
-                fmap = NystroemMap(
-                    kernel_from_params(spec["kernel"]),
-                    torch.as_tensor(arrays[f"landmarks_{side}"]),
-                    torch.as_tensor(arrays[f"normalization_{side}"]),
-                    float(spec["eig_floor"]),
-                )
-            setattr(model, f"map_{side}_", fmap)
+        maps = cls._maps_from_state(header["maps"], arrays)
+        model.map_x_, model.map_y_ = maps["x"], maps["y"]
         model.svd_solver_ = header["svd_solver"]
         model.loss_fn_ = loss_fn
         model.F1_ = arrays["F1"]
@@ -596,6 +730,53 @@ class UniCon:
         model.initial_loss_ = float(header["initial_loss"])
         model.best_iteration_ = int(header["best_iteration"])
         return model
+
+
+class _CheckpointRun:
+    """The checkpoint of one fit: its file, the fingerprint it must match, the state resumed from."""
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.header = self.arrays = self.maps = None  # set by resume() when there is a state
+
+    def resume(self, device) -> None:
+        """Read the checkpoint, if there is one, after checking that it belongs to this fit."""
+        if not self.path.exists():
+            logger.info("no checkpoint at %s; fitting from scratch", self.path)
+            return
+        header, arrays = _ckpt.load_checkpoint(self.path)
+        _ckpt.check_fingerprint(self.path, header, self.fingerprint)
+        if header.get("version") != __version__:
+            logger.warning("checkpoint %s was written by unicon_dist %s, this is %s; the resumed fit may differ "
+                           "in round-off from an uninterrupted one", self.path, header.get("version"), __version__)
+        state = "a finished fit" if header["finished"] else f"iteration {header['iteration']}"
+        logger.info("resuming from checkpoint %s (%s)", self.path, state)
+        self.header, self.arrays = header, arrays
+        self.maps = UniCon._maps_from_state(header["maps"], arrays, device)
+
+    def write(self, model: UniCon, iteration: int, F1, F2, W, best, finished: bool) -> None:
+        """Write the state after ``iteration`` atomically (the previous checkpoint survives a failure)."""
+        maps, arrays = model._maps_state()
+        arrays.update(F1=F1.cpu().numpy(), F2=F2.cpu().numpy(), W=W.cpu().numpy())
+        objective, best_it = best[0], best[1]
+        if best_it != iteration:  # the best iterate is stored once when it is the current one
+            arrays.update(best_F1=best[2].cpu().numpy(), best_F2=best[3].cpu().numpy(), best_W=best[4].cpu().numpy())
+        header = {
+            "version": __version__,
+            "fingerprint": _ckpt.normalize(self.fingerprint),
+            "iteration": iteration,
+            "finished": bool(finished),
+            "converged": bool(model.converged_),
+            "history": model.history_,
+            "initial_loss": model.initial_loss_,
+            "best": {"objective": objective, "iteration": best_it},
+            "svd_solver": model.svd_solver_,
+            "n_features": [model.n_features_x_, model.n_features_y_],
+            "n_inputs": [model.n_inputs_x_, model.n_inputs_y_],
+            "maps": maps,
+        }
+        _ckpt.write_checkpoint(self.path, header, arrays)
 
 
 class _SimilarityDescriptor:
@@ -637,9 +818,3 @@ def _as_store(X):
     if hasattr(X, "read") and hasattr(X, "iter_blocks") and hasattr(X, "dim_x"):
         return X
     return None
-
-
-def _inverse_norms(Z: torch.Tensor) -> torch.Tensor:
-    """1/‖z_i‖, with 0 for zero rows (they then take no part instead of dividing by 0)."""
-    norms = torch.linalg.norm(Z, dim=1)
-    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(Z.dtype).tiny), torch.zeros_like(norms))

@@ -1,0 +1,203 @@
+"""Checkpoints of the fixed-point driver: one atomic .npz per fit, rewritten every iteration.
+
+A checkpoint (format ``"unicon_dist.checkpoint/1"``) is a JSON header plus arrays, written
+with :func:`unicon_dist.persistence.atomic_save_npz` (temporary file, fsync, rename), so a
+reader -- or a resumed fit after a crash -- sees the previous iteration's checkpoint or the
+new one, never a torn file.  No pickle.
+
+Header keys: ``format``, ``version``, ``fingerprint`` (what the fit was run on, see
+below), ``iteration`` k (the last completed step), ``finished`` (converged, or k reached
+``max_iter``), ``converged``, ``history``, ``initial_loss``, ``best`` (objective and
+iteration of the lowest-objective iterate so far), ``svd_solver``, ``n_features``,
+``n_inputs`` and ``maps`` (the Nyström maps' kernels, as :meth:`UniCon.save` writes them).
+Arrays: ``F1``, ``F2``, ``W`` of iteration k (W is the next step's W_prev), ``best_F1``,
+``best_F2``, ``best_W`` when the best iterate is not k, and the maps' landmarks and
+normalisations.
+
+The fingerprint is an ordered mapping of named fields: every constructor option except
+``verbose`` (JSON-normalised as in :meth:`UniCon.save`), then the data -- for a pair store
+its resolved path, committed row count, dims, dtype and whether its groups are used; for
+arrays the pair count, dims and a content digest of X, Y and groups.  A resumed fit must
+match it field by field, so a checkpoint is never continued on other data or settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .persistence import _HEADER, atomic_save_npz, load_npz
+
+__all__ = [
+    "FORMAT",
+    "array_digest",
+    "array_fingerprint",
+    "store_fingerprint",
+    "normalize",
+    "first_difference",
+    "check_fingerprint",
+    "read_checkpoint_header",
+    "load_checkpoint",
+    "write_checkpoint",
+]
+
+FORMAT = "unicon_dist.checkpoint/1"
+# rows hashed by array_digest: enough to tell data sets apart, cheap for millions of rows
+_DIGEST_ROWS = 4096
+
+
+def _as_numpy(A) -> np.ndarray:
+    return A.detach().cpu().numpy() if isinstance(A, torch.Tensor) else np.asarray(A)
+
+
+def array_digest(A, max_rows: int = _DIGEST_ROWS) -> str:
+    """SHA-256 of an array's shape, dtype and an evenly strided sample of its rows.
+
+    Parameters
+    ----------
+    A : ndarray or torch.Tensor
+        Any shape; rows are indexed along the first axis.
+    max_rows : int
+        At most this many rows (always the first and the last) are hashed, so the
+        digest of an n × d array costs O(max_rows · d), not O(n · d).
+
+    Returns
+    -------
+    str
+        ``"sha256:<hex>"``.
+    """
+    if isinstance(A, torch.Tensor):
+        rows = A.shape[0] if A.ndim else 0
+        idx = _sample_rows(rows, max_rows)
+        sample = _as_numpy(A if idx is None else A[torch.as_tensor(idx, device=A.device)])
+        dtype, shape = str(A.dtype).removeprefix("torch."), tuple(A.shape)
+    else:
+        A = np.asarray(A)
+        idx = _sample_rows(A.shape[0] if A.ndim else 0, max_rows)
+        sample = A if idx is None else A[idx]
+        dtype, shape = A.dtype.name, A.shape
+    h = hashlib.sha256(json.dumps({"shape": list(shape), "dtype": dtype}).encode())
+    if sample.dtype.kind in "biuf":
+        h.update(np.ascontiguousarray(sample).tobytes())
+    else:  # object or string arrays: their bytes are pointers, hash the values instead
+        h.update(repr(sample.tolist()).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _sample_rows(n: int, max_rows: int):
+    if n <= max_rows:
+        return None
+    return np.unique(np.linspace(0, n - 1, max_rows).round().astype(np.int64))
+
+
+def array_fingerprint(X, Y, groups) -> dict:
+    """The data part of the fingerprint of an in-memory fit (X, Y already validated)."""
+    return {
+        "data": "arrays",
+        "n_pairs": int(X.shape[0]),
+        "dim_x": int(X.shape[1]),
+        "dim_y": int(Y.shape[1]),
+        "X": array_digest(X),
+        "Y": array_digest(Y),
+        # groups decide which pairs are positives, so all of them are hashed (n int64s)
+        "groups": None if groups is None else array_digest(groups, max_rows=np.iinfo(np.int64).max),
+    }
+
+
+def store_fingerprint(path, n_rows: int, dim_x: int, dim_y: int, dtype: str, use_groups: bool) -> dict:
+    """The data part of the fingerprint of a fit from a pair store.
+
+    The store is append-only, so its resolved path and committed row count name the
+    rows the fit saw; appending rows changes ``n_pairs``.
+    """
+    return {
+        "data": "store",
+        "store": str(Path(path).resolve()),
+        "n_pairs": int(n_rows),
+        "dim_x": int(dim_x),
+        "dim_y": int(dim_y),
+        "store_dtype": str(dtype),
+        "groups": "store" if use_groups else None,
+    }
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic, torch.Tensor)) and getattr(o, "ndim", 0) == 0:
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def normalize(value):
+    """``value`` as it reads back from a JSON header (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def first_difference(saved: dict, current: dict):
+    """The first field (in ``current``'s order) whose value differs: (name, saved, current) or None."""
+    for key, value in current.items():
+        if key not in saved or saved[key] != value:
+            return key, saved.get(key, "<missing>"), value
+    for key in saved:
+        if key not in current:
+            return key, saved[key], "<missing>"
+    return None
+
+
+def check_fingerprint(path, header: dict, fingerprint: dict) -> None:
+    """Raise ValueError naming the first field in which the checkpoint's fit differs from this one."""
+    diff = first_difference(header.get("fingerprint", {}), normalize(fingerprint))
+    if diff is not None:
+        key, old, new = diff
+        raise ValueError(
+            f"checkpoint {path} was written by a different fit: {key} is {old!r} in the checkpoint but {new!r} "
+            "now; resume with the same data and settings, or delete the checkpoint to start over"
+        )
+
+
+def read_checkpoint_header(path) -> dict:
+    """The JSON header of a checkpoint, reading no arrays.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a readable unicon_dist checkpoint (another artifact, a torn or foreign file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:  # members are read lazily
+            if _HEADER not in data.files:
+                raise ValueError("no header")
+            header = json.loads(str(data[_HEADER]))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    _check_format(path, header)
+    return header
+
+
+def _check_format(path, header: dict) -> None:
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a unicon_dist checkpoint (format {header.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(header, arrays) of a checkpoint written by :func:`write_checkpoint`."""
+    header, arrays = load_npz(path)
+    _check_format(path, header)
+    return header, arrays
+
+
+def write_checkpoint(path, header: dict, arrays: dict) -> Path:
+    """Write a checkpoint atomically (the previous one stays intact if this write fails)."""
+    return atomic_save_npz(os.fspath(path), {**header, "format": FORMAT}, arrays)

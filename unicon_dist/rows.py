@@ -1,0 +1,91 @@
+"""Rows of a pair store as the passes see them: features and embeddings at the current encoders.
+
+:class:`StoreRows` is the loader a store-backed :class:`~unicon_dist.CrossProductOperator`
+calls for each panel.  It is a small picklable object (the store is reopened from its path
+in whichever process calls it), so the same loader runs in this process or in a Ray actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .nystrom import NystroemMap
+
+__all__ = ["StoreRows", "embed", "inverse_norms"]
+
+
+def inverse_norms(Z: torch.Tensor) -> torch.Tensor:
+    """1/‖z_i‖, with 0 for zero rows (they then take no part instead of dividing by 0)."""
+    norms = torch.linalg.norm(Z, dim=1)
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(Z.dtype).tiny), torch.zeros_like(norms))
+
+
+def embed(phi_x, phi_y, F1, F2, similarity: str):
+    """(Φ_X, Φ_Y, z_x, z_y) at the encoders F1, F2 (None: s = 0, the first step).
+
+    For cosine similarity the embeddings are normalised and the feature rows scaled by
+    the same 1/‖f(x_i)‖, which linearises the normalisation at the current encoders.
+    """
+    if F1 is None:
+        z = torch.zeros((phi_x.shape[0], 1), dtype=phi_x.dtype, device=phi_x.device)
+        return phi_x, phi_y, z, z
+    zx = phi_x @ F1.to(device=phi_x.device, dtype=phi_x.dtype).T
+    zy = phi_y @ F2.to(device=phi_y.device, dtype=phi_y.dtype).T
+    if similarity == "cosine":
+        sx, sy = inverse_norms(zx), inverse_norms(zy)
+        zx, zy = zx * sx[:, None], zy * sy[:, None]
+        phi_x, phi_y = phi_x * sx[:, None], phi_y * sy[:, None]
+    return phi_x, phi_y, zx, zy
+
+
+def features(A: torch.Tensor, fmap: NystroemMap | None, dtype) -> torch.Tensor:
+    """The inputs themselves (linear kernel) or their Nyström features, in ``dtype``."""
+    return A.to(dtype) if fmap is None else fmap.transform(A, dtype=dtype)
+
+
+@dataclass
+class StoreRows:
+    """``loader(rows) -> (Φ_X, Φ_Y, z_x, z_y)`` for rows of the pair store at ``path``.
+
+    Parameters
+    ----------
+    path : str
+        The store (opened read-only on first use, in the calling process).
+    map_x, map_y : NystroemMap or None
+        Feature maps (None: the inputs are the features).
+    F1, F2 : torch.Tensor or None
+        Current encoders; None for the first step (s = 0).
+    similarity : {"cosine", "dot"}
+    dtype, device
+        Precision and device of the returned tensors.
+    """
+
+    path: str
+    map_x: NystroemMap | None
+    map_y: NystroemMap | None
+    F1: torch.Tensor | None
+    F2: torch.Tensor | None
+    similarity: str
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    _store: object = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None  # reopened where the loader runs
+        return state
+
+    def __call__(self, rows):
+        if self._store is None:
+            from .store import PairStore
+
+            self._store = PairStore.open(Path(self.path))
+        x, y, _ = self._store.read(rows)
+        dev = torch.device(self.device)
+        X = torch.as_tensor(x, device=dev)
+        Y = torch.as_tensor(y, device=dev)
+        return embed(features(X, self.map_x, self.dtype), features(Y, self.map_y, self.dtype),
+                     self.F1, self.F2, self.similarity)
