@@ -10,6 +10,7 @@ from . import kernels, losses, nystrom
 from .closed_form import closed_form_step, tangent_projection, truncated_svd
 from .dense import contrastive_loss, similarity_weights
 from .executors import LocalExecutor
+from .ray_executor import RayExecutor
 from .losses import get_loss
 from .metrics import retrieval_metrics
 from .kernels import get_kernel
@@ -42,6 +43,7 @@ __all__ = [
     "TilePlan",
     "PairStore",
     "LocalExecutor",
+    "RayExecutor",
     "plan_panels",
     "PanelPlan",
 ]

@@ -1,0 +1,105 @@
+"""RayExecutor: the passes on Ray actors equal the local passes; failures are survived."""
+
+import ipaddress
+import os
+
+import numpy as np
+import psutil
+import pytest
+
+import unicon_dist as ud
+from unicon_dist.ray_executor import assign_panels
+
+ray = pytest.importorskip("ray")
+
+
+def _store(path, n=900, groups=False, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 12)).astype(np.float32)
+    Y = (X[:, :10] + 0.6 * rng.standard_normal((n, 10))).astype(np.float32)
+    store = ud.PairStore.create(path, 12, 10, chunk_rows=128, groups=groups)
+    store.append(X, Y, rng.integers(0, 300, n) if groups else None)
+    return store
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    return {"plain": _store(root / "plain.zarr"), "groups": _store(root / "groups.zarr", groups=True)}
+
+
+@pytest.fixture(scope="module")
+def executors():
+    """A 1-worker and a 2-worker executor on one embedded Ray (a quarter CPU per worker, so
+    that other executors still fit on the 2 logical CPUs)."""
+    two = ud.RayExecutor(num_workers=2, num_cpus_per_worker=0.25).start()
+    one = ud.RayExecutor(num_workers=1, num_cpus_per_worker=0.25).start()
+    yield {1: one, 2: two}
+    one.shutdown()
+    two.shutdown()  # started Ray, so it stops it
+
+
+def test_assign_panels_is_contiguous_and_balanced():
+    assert assign_panels([10] * 6, 2) == [[0, 1, 2], [3, 4, 5]]
+    assert assign_panels([50, 10, 10, 10, 10, 10], 2) == [[0], [1, 2, 3, 4, 5]]
+    assert assign_panels([5], 3) == [[0], [], []]
+
+
+# a budget that cuts the 900 rows into panels of about 260 (see tests/test_outofcore.py)
+BUDGET = 700_000
+
+CASES = [
+    ("plain", dict()),
+    ("groups", dict(loss="triplet", temperature=0.2)),
+    ("plain", dict(negatives=200, batch_split="contiguous")),
+    ("plain", dict(kernel="rbf", n_landmarks=40, similarity="dot", temperature=1.0)),
+]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("name, options", CASES)
+def test_ray_fit_equals_local_fit(stores, executors, name, options, workers):
+    params = dict(rank=5, temperature=0.3, max_iter=2, tol=0.0, memory_budget=BUDGET)
+    params.update(options)
+    local = ud.UniCon(**params).fit(stores[name])
+    dist = ud.UniCon(**params).fit(stores[name], executor=executors[workers])
+    assert local.plan_.panel_rows < len(stores[name])
+    np.testing.assert_allclose(dist.W_, local.W_, rtol=0, atol=1e-6 * np.abs(local.W_).max())
+    np.testing.assert_allclose([h["loss"] for h in dist.history_], [h["loss"] for h in local.history_], rtol=1e-6)
+
+
+def test_a_killed_worker_is_replaced_and_the_model_is_unchanged(stores, tmp_path):
+    params = dict(rank=5, temperature=0.3, max_iter=2, tol=0.0, memory_budget=BUDGET)
+    local = ud.UniCon(**params).fit(stores["plain"])
+    for method, call in (("product", 1), ("round", 2)):
+        marker = tmp_path / f"died-{method}"
+        fail = {"worker": 1, "method": method, "call": call, "marker": str(marker)}
+        with ud.RayExecutor(num_workers=2, num_cpus_per_worker=0.5, _fail=fail) as ex:
+            dist = ud.UniCon(**params).fit(stores["plain"], executor=ex)
+        assert marker.exists()  # the worker did exit mid-pass
+        np.testing.assert_allclose(dist.W_, local.W_, rtol=0, atol=1e-6 * np.abs(local.W_).max())
+
+
+def test_embedded_ray_listens_on_loopback_only(executors):
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "expected Ray's processes to listen on some port"
+    addresses = {ipaddress.ip_address(c.laddr.ip) for c in listening}
+    # loopback, written as IPv4, IPv6 or IPv4-mapped IPv6; never 0.0.0.0 / :: / a real address
+    assert all(a.is_loopback or (a.version == 6 and a.ipv4_mapped and a.ipv4_mapped.is_loopback)
+               for a in addresses), addresses
+
+
+def test_placement_timeout_names_what_is_missing():
+    ex = ud.RayExecutor(num_workers=1, num_gpus_per_worker=1, placement_timeout_s=2)
+    if ray.is_initialized() and ray.cluster_resources().get("GPU"):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match=r"could not place 1 workers of \{'CPU': 1.0, 'GPU': 1.0\}"):
+        ex.start()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_workers"):
+        ud.RayExecutor(num_workers=0)
+    with pytest.raises(ValueError, match="num_gpus_per_worker"):
+        ud.RayExecutor(num_gpus_per_worker=-1)
