@@ -422,7 +422,9 @@ class UniCon:
         stop = start if finished else int(self.max_iter) + 1
         for it in range(start, stop):
             t0 = time.perf_counter()
+            before = op.phase_seconds()
             C = op if self._matrix_free else op.materialize()
+            t_svd = time.perf_counter()
             F1, F2 = closed_form_step(
                 C, int(self.rank), self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
                 oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter), seed=self.seed,
@@ -432,16 +434,21 @@ class UniCon:
             F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
             W = F1.T @ F2
             delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
+            t_svd = time.perf_counter() - t_svd
+            after = op.phase_seconds()
             # the next step's statistics give L at W_k (pass 1 only when this is the last step)
             op.release()
             op = make_operator(F1, F2)
+            phases = _phases(before, after, op.phase_seconds(), t_svd, self._matrix_free)
             objective = op.loss + 0.5 * self.rho * float(torch.linalg.norm(W) ** 2)
             seconds = time.perf_counter() - t0
             self.history_.append(
-                {"iteration": it, "loss": op.loss, "objective": objective, "delta_w": delta, "seconds": seconds}
+                {"iteration": it, "loss": op.loss, "objective": objective, "delta_w": delta, "seconds": seconds,
+                 "phases": phases}
             )
             if self.verbose:
-                logger.info("iteration %d: loss %.6g, delta_w %.3e, %.2fs", it, op.loss, delta, seconds)
+                logger.info("iteration %d: loss %.6g, delta_w %.3e, %.2fs (%s)", it, op.loss, delta, seconds,
+                            ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
             if best is None or objective < best[0]:
                 best = (objective, it, F1, F2, W)
             W_prev = W
@@ -805,6 +812,20 @@ class _SimilarityValue(str):
 
 
 UniCon.similarity = _SimilarityDescriptor()
+
+
+def _phases(before: dict, after: dict, built: dict, svd_seconds: float, matrix_free: bool) -> dict:
+    """Seconds of one step by phase: reading rows, features and embeddings, similarity
+    tiles (the passes without their reads and features), and the SVD (without the
+    products a matrix-free SVD makes)."""
+    product = after["product"] - before["product"]
+    out = {}
+    for k in ("read", "features"):
+        if k in built:
+            out[k] = after.get(k, 0.0) - before.get(k, 0.0) + built[k]
+    out["tiles"] = product + built["statistics"] - out.get("read", 0.0) - out.get("features", 0.0)
+    out["svd"] = svd_seconds - (product if matrix_free else 0.0)
+    return out
 
 
 def _as_store(X):

@@ -104,6 +104,9 @@ class PanelWorker:
         if self.op is not None:
             self.op.release()
 
+    def phase_seconds(self) -> dict:
+        return {} if self.op is None else self.op.phase_seconds()
+
     def info(self) -> dict:
         import socket
 
@@ -140,7 +143,7 @@ class DistributedOperator:
         self._call("set_stats", lambda w: (self._stats_ref,))
         self._driver.set_stats(stats)
         self.loss = self._driver.loss
-        executor.timings["statistics"] = executor.timings.get("statistics", 0.0) + time.perf_counter() - t0
+        self._seconds = {"statistics": time.perf_counter() - t0, "product": 0.0}
 
     def _call(self, method, args_of):
         """Call ``method`` on every worker (arguments ``args_of(w)``) and return the
@@ -180,7 +183,7 @@ class DistributedOperator:
         C = parts[0].clone()
         for p in parts[1:]:  # fixed (worker) order: the same C whatever finishes first
             C += p
-        self._ex.timings["product"] = self._ex.timings.get("product", 0.0) + time.perf_counter() - t0
+        self._seconds["product"] += time.perf_counter() - t0
         return C
 
     def materialize(self) -> torch.Tensor:
@@ -192,6 +195,15 @@ class DistributedOperator:
 
     def rmatmul(self, omega) -> torch.Tensor:
         return self._product(omega_x=torch.as_tensor(omega).to(self._driver.dtype)).T
+
+    def phase_seconds(self) -> dict:
+        """The driver's wall seconds of pass 1 and products, and the seconds the slowest
+        worker spent reading rows and computing features (workers run side by side)."""
+        out = dict(self._seconds)
+        for part in self._call("phase_seconds", lambda w: ()):
+            for k in ("read", "features"):
+                out[k] = max(out.get(k, 0.0), part.get(k, 0.0))
+        return out
 
     def release(self):
         import ray
@@ -244,7 +256,6 @@ class RayExecutor:
         self.max_retries = int(max_retries)
         self._fail = _fail
         self.workers: list = []
-        self.timings: dict[str, float] = {}
         self._pg = None
         self._started_ray = False
 

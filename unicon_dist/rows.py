@@ -7,6 +7,7 @@ in whichever process calls it), so the same loader runs in this process or in a 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,10 +73,12 @@ class StoreRows:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     _store: object = field(default=None, repr=False, compare=False)
+    seconds: dict = field(default_factory=lambda: {"read": 0.0, "features": 0.0}, repr=False, compare=False)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_store"] = None  # reopened where the loader runs
+        state["seconds"] = {"read": 0.0, "features": 0.0}
         return state
 
     def __call__(self, rows):
@@ -83,9 +86,14 @@ class StoreRows:
             from .store import PairStore
 
             self._store = PairStore.open(Path(self.path))
+        t0 = time.perf_counter()
         x, y, _ = self._store.read(rows)
+        t1 = time.perf_counter()
         dev = torch.device(self.device)
         X = torch.as_tensor(x, device=dev)
         Y = torch.as_tensor(y, device=dev)
-        return embed(features(X, self.map_x, self.dtype), features(Y, self.map_y, self.dtype),
-                     self.F1, self.F2, self.similarity)
+        out = embed(features(X, self.map_x, self.dtype), features(Y, self.map_y, self.dtype),
+                    self.F1, self.F2, self.similarity)
+        self.seconds["read"] += t1 - t0
+        self.seconds["features"] += time.perf_counter() - t1
+        return out

@@ -23,6 +23,7 @@ Block sizes are arguments; :func:`unicon_dist.planning.plan_tiles` chooses them.
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -292,12 +293,23 @@ class CrossProductOperator:
         self._buffers: dict[str, torch.Tensor] = {}
         self._cache: OrderedDict = OrderedDict()  # one loaded group of panels at a time
         self.n_loads = 0
+        self._seconds = {"statistics": 0.0, "product": 0.0}
         labels = canonical_groups(groups, n)
         batches = make_batches(n, negatives, seed, batch_split)
         self._batches = [self._make_batch(k, labels, rows) for k, rows in enumerate(batches or [None])]
         self._owner = None if owned is None else set(map(tuple, owned))
         if compute_stats:
+            t0 = time.perf_counter()
             self.set_stats(self.compute_stats(lambda name, *args: [self.run_round(name, *args)]))
+            self._seconds["statistics"] += time.perf_counter() - t0
+
+    def phase_seconds(self) -> dict:
+        """Seconds spent so far: pass 1 ("statistics"), products ("product"), and, when the
+        loader keeps them (:class:`unicon_dist.rows.StoreRows`), reading rows ("read") and
+        computing features and embeddings ("features") within those passes."""
+        out = dict(self._seconds)
+        out.update(getattr(self._loader, "seconds", {}))
+        return out
 
     # ------------------------------------------------------------- ownership
     @property
@@ -904,19 +916,25 @@ class CrossProductOperator:
         return g
 
     # --------------------------------------------------------- public products
+    def _timed_product(self, omega_x=None, omega_y=None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        C = self._product(omega_x, omega_y)
+        self._seconds["product"] += time.perf_counter() - t0
+        return C
+
     def materialize(self) -> torch.Tensor:
         """C = Φ_Xᵀ S Φ_Y, float64 (m_x × m_y)."""
-        return self._product()
+        return self._timed_product()
 
     def matmul(self, omega) -> torch.Tensor:
         """C Ω without forming C: Φ_Xᵀ S (Φ_Y Ω); Ω has shape (m_y, k)."""
         omega = torch.as_tensor(omega, device=self.device).to(self.dtype)
-        return self._product(omega_y=omega)
+        return self._timed_product(omega_y=omega)
 
     def rmatmul(self, omega) -> torch.Tensor:
         """Cᵀ Ω without forming C: (Ωᵀ Φ_Xᵀ S Φ_Y)ᵀ; Ω has shape (m_x, k)."""
         omega = torch.as_tensor(omega, device=self.device).to(self.dtype)
-        return self._product(omega_x=omega).T
+        return self._timed_product(omega_x=omega).T
 
 
 def _cut_panels(sorted_labels, n: int, panel_rows: int) -> list[tuple[int, int]]:
