@@ -383,7 +383,7 @@ class UniCon:
                 loss=self.loss_fn_, negatives=self.negatives, batch_split=self.batch_split, groups=groups,
                 seed=self.seed,
                 constant=F1 is None, norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None,
-                device=device, dtype=dtype, progress=LogProgress(logger) if self.verbose else None,
+                device=device, dtype=dtype, progress=LogProgress(logger, rows=n) if self.verbose else None,
             )
 
         return self._iterate(make_operator, driver)
@@ -606,7 +606,7 @@ class UniCon:
             *self._embed(phi_x, phi_y, F1, F2), loss=self.loss_fn_, negatives=self.negatives,
             batch_split=self.batch_split, groups=groups,
             seed=self.seed, memory_budget=self.memory_budget,
-            progress=LogProgress(logger) if self.verbose else None,
+            progress=LogProgress(logger, rows=phi_x.shape[0]) if self.verbose else None,
         )
 
     # ------------------------------------------------------------- encoding

@@ -17,10 +17,12 @@ class LogProgress:
     """Log "stage: done/total" at INFO, at most every ``interval`` seconds and at the end."""
 
     def __init__(self, logger: logging.Logger | None = None, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, rows: int | None = None, unit: str = "blocks"):
         self.logger = logger or logging.getLogger("unicon_dist")
         self.interval = interval
         self.clock = clock
+        self.rows = rows  # anchors a pass covers: turns the fraction done into rows/s
+        self.unit = unit
         self._last: dict[str, float] = {}
         self._start: dict[str, float] = {}
 
@@ -32,7 +34,9 @@ class LogProgress:
         self._last[stage] = now
         elapsed = now - start
         eta = elapsed / done * (total - done) if done else float("nan")
-        self.logger.info("%s: %d/%d blocks, %.1fs elapsed, ~%.1fs left", stage, done, total, elapsed, eta)
+        rate = f", {self.rows * done / total / elapsed:,.0f} rows/s" if self.rows and total and elapsed > 0 else ""
+        self.logger.info("%s: %d/%d %s%s, %.1fs elapsed, ~%.1fs left", stage, done, total, self.unit, rate,
+                         elapsed, eta)
         if done >= total:
             self._start.pop(stage, None)
             self._last.pop(stage, None)

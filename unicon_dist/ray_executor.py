@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .planning import plan_panels
+from .progress import LogProgress
 from .streamed import CrossProductOperator
 
 __all__ = ["RayExecutor", "PanelWorker", "DistributedOperator", "assign_panels"]
@@ -122,7 +123,10 @@ class DistributedOperator:
         self._ex = executor
         self.n, self.shape = n, tuple(shape)
         options = dict(options)
-        options.pop("progress", None)  # progress is reported per round on the driver
+        self._progress = options.pop("progress", None)  # reported on the driver, per worker done
+        if isinstance(self._progress, LogProgress):
+            self._progress = LogProgress(self._progress.logger, self._progress.interval, rows=self._progress.rows,
+                                         unit="workers")
         options["panel_rows"] = panel_rows
         self._driver = CrossProductOperator.from_loader(loader, n, shape, rank, owned=[], compute_stats=False,
                                                         **{**options, "device": "cpu"})
@@ -150,20 +154,27 @@ class DistributedOperator:
         results in worker order, replacing any worker that dies and repeating its call."""
         import ray
 
-        refs = [getattr(wk, method).remote(*args_of(w)) for w, wk in enumerate(self._ex.workers)]
-        out = []
-        for w, ref in enumerate(refs):
-            for attempt in range(self._ex.max_retries + 1):
-                try:
-                    out.append(ray.get(ref))
-                    break
-                except ray.exceptions.RayActorError as exc:
-                    if attempt == self._ex.max_retries:
-                        raise RuntimeError(f"Ray worker {w} failed {attempt + 1} times in {method!r}: {exc}") from exc
-                    logger.warning("Ray worker %d died in %r (%s); replacing it and repeating the call", w, method,
-                                   type(exc).__name__)
-                    self._replace(w, upto=method)
-                    ref = getattr(self._ex.workers[w], method).remote(*args_of(w))
+        workers = self._ex.workers
+        pending = {getattr(wk, method).remote(*args_of(w)): w for w, wk in enumerate(workers)}
+        out, failures, done = [None] * len(workers), [0] * len(workers), 0
+        stage = {"round": "statistics", "product": "product"}.get(method)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            w = pending.pop(ref)
+            try:
+                out[w] = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                failures[w] += 1
+                if failures[w] > self._ex.max_retries:
+                    raise RuntimeError(f"Ray worker {w} failed {failures[w]} times in {method!r}: {exc}") from exc
+                logger.warning("Ray worker %d died in %r (%s); replacing it and repeating the call", w, method,
+                               type(exc).__name__)
+                self._replace(w, upto=method)
+                pending[getattr(self._ex.workers[w], method).remote(*args_of(w))] = w
+                continue
+            done += 1
+            if stage and self._progress is not None:
+                self._progress(stage, done, len(workers))
         return out
 
     def _replace(self, w, upto):
