@@ -71,7 +71,7 @@ def test_ray_fit_equals_local_fit(stores, executors, name, options, workers):
 def test_a_killed_worker_is_replaced_and_the_model_is_unchanged(stores, tmp_path):
     params = dict(rank=5, temperature=0.3, max_iter=2, tol=0.0, memory_budget=BUDGET)
     local = ud.UniCon(**params).fit(stores["plain"])
-    for method, call in (("product", 1), ("round", 2)):
+    for method, call in (("product", 1), ("round", 2), ("publish", 1)):
         marker = tmp_path / f"died-{method}"
         fail = {"worker": 1, "method": method, "call": call, "marker": str(marker)}
         with ud.RayExecutor(num_workers=2, num_cpus_per_worker=0.5, _fail=fail) as ex:
@@ -103,3 +103,31 @@ def test_bad_arguments():
         ud.RayExecutor(num_workers=0)
     with pytest.raises(ValueError, match="num_gpus_per_worker"):
         ud.RayExecutor(num_gpus_per_worker=-1)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_panels_are_read_once_per_iteration(stores, share):
+    """With share_panels each worker reads only its own panels from the store (once per
+    operator) and fetches the others from the object store; without, it rereads them."""
+    import torch
+
+    from unicon_dist.rows import StoreRows
+
+    store = stores["plain"]
+    plan = ud.plan_panels(len(store), dim_x=12, dim_y=10, features_x=12, features_y=10, rank=4, memory_budget=BUDGET)
+    loader = StoreRows(str(store.path), None, None, torch.randn(4, 12), torch.randn(4, 10), "cosine")
+    kw = dict(loss="clip", temperature=0.2, norm_bound=(1.0, 1.0))
+    local = ud.LocalExecutor().cross_product_operator(loader, len(store), (12, 10), 4, plan=plan, **kw)
+    with ud.RayExecutor(num_workers=2, num_cpus_per_worker=0.5, share_panels=share) as ex:
+        op = ex.cross_product_operator(loader, len(store), (12, 10), 4, plan=plan, **kw)
+        C = op.materialize()
+        info = ray.get([w.info.remote() for w in ex.workers])
+    np.testing.assert_allclose(C.numpy(), local.materialize().numpy(), rtol=0, atol=1e-12)
+    panels = len(local._batches[0].panels)
+    owned = [len(s) for s in op._shares]
+    if share:
+        assert [i["loads"] for i in info] == owned  # publish read each own panel once
+        assert all(i["fetches"] > 0 for i in info)
+    else:
+        assert all(i["fetches"] == 0 for i in info)
+        assert sum(i["loads"] for i in info) > panels * panels  # every pass streams the store

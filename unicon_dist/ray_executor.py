@@ -90,6 +90,20 @@ class PanelWorker:
         self.op = CrossProductOperator.from_loader(loader, n, shape, rank, owned=owned, compute_stats=False, **options)
         return os.getpid()
 
+    def publish(self):
+        """This worker's panels, embedded at the current encoders, one return value each
+        (so that the driver owns them and they outlive this actor), and their count last
+        (a small value the driver waits on without fetching the panels)."""
+        self._maybe_fail("publish")
+        keys = sorted(self.op._owner)
+        return (*(tuple(t.cpu() for t in self.op.published_panel(key)) for key in keys), len(keys))
+
+    def use_published(self, refs: dict) -> None:
+        import ray
+
+        device = self.op.device
+        self.op.use_published(lambda key: tuple(t.to(device) for t in ray.get(refs[key])))
+
     def round(self, name, *args):
         self._maybe_fail("round")
         return _to(self.op.run_round(name, *_to(args, self.op.device)), "cpu")
@@ -111,7 +125,9 @@ class PanelWorker:
     def info(self) -> dict:
         import socket
 
-        return {"pid": os.getpid(), "host": socket.gethostname(), "loads": None if self.op is None else self.op.n_loads}
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "loads": None if self.op is None else self.op.n_loads,
+                "fetches": None if self.op is None else self.op.n_fetches}
 
 
 class DistributedOperator:
@@ -139,8 +155,10 @@ class DistributedOperator:
                 owners.setdefault(b, set()).add(w)
         split = [b for b, ws in owners.items() if len(ws) > 1]
         self._build = (ray.put(loader), n, tuple(shape), rank, ray.put(options))
-        self._stats_ref = None
+        self._stats_ref = self._panels = None
         self._call("build", lambda w: (*self._build[:4], self._shares[w], self._build[4]))
+        if executor.share_panels:
+            self._publish()
         t0 = time.perf_counter()
         stats = self._driver.compute_stats(lambda name, *args: self._call("round", lambda w: (name, *args)), split)
         self._stats_ref = ray.put(stats)
@@ -177,6 +195,30 @@ class DistributedOperator:
                 self._progress(stage, done, len(workers))
         return out
 
+    def _publish(self):
+        """Every worker embeds its own panels once and returns them into the object store;
+        the passes then fetch column panels from there instead of rereading the store."""
+        import ray
+
+        refs = {}
+        shares = [sorted(share) for share in self._shares]
+        launch = lambda w: self._ex.workers[w].publish.options(num_returns=len(shares[w]) + 1).remote()  # noqa: E731
+        pending = {w: launch(w) for w in range(len(shares)) if shares[w]}
+        for w, out in pending.items():
+            for attempt in range(self._ex.max_retries + 1):
+                try:
+                    ray.get(out[-1])  # the count; raises if the worker died while publishing
+                    break
+                except ray.exceptions.RayActorError:
+                    if attempt == self._ex.max_retries:
+                        raise
+                    logger.warning("Ray worker %d died while publishing its panels; replacing it", w)
+                    self._replace(w, upto="publish")
+                    out = launch(w)
+            refs.update(zip(shares[w], out[:-1]))
+        self._panels = [refs]  # in a list: workers receive the refs, not the tensors
+        self._call("use_published", lambda w: (refs,))
+
     def _replace(self, w, upto):
         """A fresh actor for worker w, given the share and statistics the old one held."""
         import ray
@@ -187,6 +229,8 @@ class DistributedOperator:
             ray.get(wk.build.remote(*self._build[:4], self._shares[w], self._build[4]))
         if self._stats_ref is not None and upto != "set_stats":
             ray.get(wk.set_stats.remote(self._stats_ref))
+        if self._panels is not None and upto != "use_published":
+            ray.get(wk.use_published.remote(self._panels[0]))
 
     def _product(self, omega_x=None, omega_y=None) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -242,6 +286,11 @@ class RayExecutor:
         error that lists what was asked for and what is available.
     max_retries : int
         Replacements of a worker that dies in one call before the fit fails.
+    share_panels : bool
+        Each worker embeds its own panels once per iteration and puts them in Ray's object
+        store, and the passes fetch column panels from there (default).  False: every
+        worker reads every column panel from the pair store on every pass, which keeps
+        the object store empty at the cost of k² panel reads per pass.
 
     Notes
     -----
@@ -251,7 +300,7 @@ class RayExecutor:
 
     def __init__(self, address=None, num_workers: int = 2, *, num_cpus_per_worker: float = 1,
                  num_gpus_per_worker: float = 0, placement_timeout_s: float = 60.0, max_retries: int = 2,
-                 _fail: dict | None = None):
+                 share_panels: bool = True, _fail: dict | None = None):
         if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         for name, v in (("num_cpus_per_worker", num_cpus_per_worker), ("num_gpus_per_worker", num_gpus_per_worker)):
@@ -265,6 +314,7 @@ class RayExecutor:
         self.num_gpus_per_worker = num_gpus_per_worker
         self.placement_timeout_s = placement_timeout_s
         self.max_retries = int(max_retries)
+        self.share_panels = bool(share_panels)
         self._fail = _fail
         self.workers: list = []
         self._pg = None

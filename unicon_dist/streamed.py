@@ -293,6 +293,8 @@ class CrossProductOperator:
         self._buffers: dict[str, torch.Tensor] = {}
         self._cache: OrderedDict = OrderedDict()  # one loaded group of panels at a time
         self.n_loads = 0
+        self.n_fetches = 0
+        self._fetch = None
         self._seconds = {"statistics": 0.0, "product": 0.0}
         labels = canonical_groups(groups, n)
         batches = make_batches(n, negatives, seed, batch_split)
@@ -435,6 +437,14 @@ class CrossProductOperator:
             if (b.key, k) in group:
                 return group[(b.key, k)]
         self._cache.clear()  # before loading: at most the caller's row panel and one group alive
+        if self._fetch is not None:
+            # panels published once per operator (e.g. in Ray's object store) instead of
+            # being read from the store on every visit
+            p0, p1 = b.panels[k]
+            panel = _Panel(p0, p1, *self._fetch((b.key, k)))
+            self.n_fetches += 1
+            self._cache[(b.key, k)] = {(b.key, k): panel}
+            return panel
         keys, total = [], 0
         bi, kk = b.key, k
         while bi < len(self._batches):
@@ -473,6 +483,17 @@ class CrossProductOperator:
         if r.size and r[-1] - r[0] == r.size - 1 and (r.size == 1 or bool((np.diff(r) == 1).all())):
             return slice(int(r[0]), int(r[-1]) + 1)  # a run of rows reads as one range
         return r
+
+    def published_panel(self, key) -> tuple:
+        """(Φ_X, Φ_Y, z_x, z_y) of panel ``key`` as the passes use it (z_x scaled for ψ = exp),
+        for publishing to other workers."""
+        P = self._load(self._batches[key[0]], key[1])
+        return P.phi_x, P.phi_y, P.zx, P.zy
+
+    def use_published(self, fetch) -> None:
+        """Take every panel from ``fetch(key) -> (Φ_X, Φ_Y, z_x, z_y)`` from now on."""
+        self._cache.clear()
+        self._fetch = fetch
 
     def release(self):
         """Drop the cached panels (the statistics are kept)."""
