@@ -159,3 +159,18 @@ def class_groups(labels: np.ndarray, mode: str):
         order = np.argsort(labels, kind="stable").astype(np.int64)
         return order, labels[order].astype(np.int64)
     raise ValueError(f"unknown groups mode {mode!r}; expected one of {list(GROUP_MODES)}")
+
+
+def write_labelled_store(staged: "StagedOutput", x, y, labels, group_ids, order, *, label_names, dtype,
+                         chunk_rows, provenance, source: str, pipeline: str, t0: float) -> PairStore:
+    """Create the staged store, append the rows in chunk-aligned blocks, record the original
+    row order (when rows were sorted into groups) and the build time, and commit it."""
+    store = PairStore.create(staged.partial, x.shape[1], y.shape[1], dtype=dtype, groups=group_ids is not None,
+                             labels=True, label_names=list(label_names), chunk_rows=chunk_rows,
+                             provenance=provenance)
+    append_blocks(store, x, y, labels, group_ids, block_rows=block_rows_for(store.chunk_rows), source=source)
+    if order is not None:
+        store.put_array("source_index", order,
+                        attrs={"meaning": "row k of the store is row source_index[k] of the source"})
+    store.add_history({"pipeline": pipeline, "rows": len(store), "seconds": round(time.perf_counter() - t0, 1)})
+    return staged.commit()

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from _common import GROUP_MODES, StagedOutput, base_provenance, class_groups, log
+from _common import GROUP_MODES, StagedOutput, base_provenance, class_groups, log, write_labelled_store
 from unicon_dist.datasets import DIGITS_CLASSES, load_digits_halves
 from unicon_dist.store import PairStore
 
@@ -66,18 +66,9 @@ def build_digits_store(out, *, groups: str = "none", overwrite: bool = False,
         groups=groups,
         row_order="scikit-learn order" if order is None else "stable sort by digit; see array source_index",
     )
-    store = PairStore.create(staged.partial, left.shape[1], right.shape[1], dtype=dtype,
-                             groups=group_ids is not None, labels=True,
-                             label_names=list(DIGITS_CLASSES), chunk_rows=chunk_rows,
-                             provenance=provenance)
-    # 1,797 rows of 32 pixels: one append is one small write, nothing to stream
-    store.append(left, right, group_ids, labels=labels, source="sklearn.datasets.load_digits")
-    if order is not None:
-        store.put_array("source_index", order,
-                        attrs={"meaning": "row k of the store is row source_index[k] of the source"})
-    store.add_history({"pipeline": "pipelines/digits.py", "rows": len(store),
-                       "seconds": round(time.perf_counter() - t0, 1)})
-    return staged.commit()
+    return write_labelled_store(staged, left, right, labels, group_ids, order, label_names=DIGITS_CLASSES,
+                                dtype=dtype, chunk_rows=chunk_rows, provenance=provenance,
+                                source="sklearn.datasets.load_digits", pipeline="pipelines/digits.py", t0=t0)
 
 
 def main(argv=None) -> int:

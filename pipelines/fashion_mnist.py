@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (GROUP_MODES, StagedOutput, append_blocks, base_provenance, block_rows_for,
-                     class_groups, debian_package_version, log, sha256_file)
+from _common import (GROUP_MODES, StagedOutput, base_provenance, class_groups, debian_package_version, log,
+                     sha256_file, write_labelled_store)
 from unicon_dist.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist_halves
 from unicon_dist.store import PairStore
 
@@ -83,19 +83,10 @@ def build_fashion_mnist_store(out, split: str = "train", *, directory=FASHION_MN
         groups=groups,
         row_order="file order" if order is None else "stable sort by class; see array source_index",
     )
-    store = PairStore.create(staged.partial, left.shape[1], right.shape[1], dtype=dtype,
-                             groups=group_ids is not None, labels=True,
-                             label_names=list(FASHION_MNIST_CLASSES), chunk_rows=chunk_rows,
-                             provenance=provenance)
     log(f"fashion-mnist {split}: {len(labels):,} rows -> {staged.out}")
-    append_blocks(store, left, right, labels, group_ids, block_rows=block_rows_for(store.chunk_rows),
-                  source=f"fashion-mnist {split}")
-    if order is not None:
-        store.put_array("source_index", order,
-                        attrs={"meaning": "row k of the store is row source_index[k] of the source"})
-    store.add_history({"pipeline": "pipelines/fashion_mnist.py", "rows": len(store),
-                       "seconds": round(time.perf_counter() - t0, 1)})
-    return staged.commit()
+    return write_labelled_store(staged, left, right, labels, group_ids, order, label_names=FASHION_MNIST_CLASSES,
+                                dtype=dtype, chunk_rows=chunk_rows, provenance=provenance,
+                                source=f"fashion-mnist {split}", pipeline="pipelines/fashion_mnist.py", t0=t0)
 
 
 def main(argv=None) -> int:
