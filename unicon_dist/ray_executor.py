@@ -332,23 +332,11 @@ class RayExecutor:
         """Connect (or start the embedded Ray), reserve the bundles and create the actors."""
         if self.workers:
             return self
-        if self.address is None:
-            # Ray binds the machine's network address unless its "local only" switch is
-            # off; read at import, so it is set in the environment (inherited by the raylet
-            # and workers) and on the already imported constants module.
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         import ray
-        from ray._private import ray_constants
 
-        if self.address is None:
-            ray_constants.ENABLE_RAY_CLUSTER = False
         if not ray.is_initialized():
             if self.address is None:
-                # the machine's cores, or more if the workers ask for more (Ray's CPUs are
-                # a scheduling count, not a pinning)
-                cpus = max(int(np.ceil(self.num_workers * self.num_cpus_per_worker)), os.cpu_count() or 1)
-                ray.init(num_cpus=cpus, num_gpus=int(np.ceil(self.num_workers * self.num_gpus_per_worker)) or None,
-                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+                self._init_local_ray()
             else:
                 ray.init(address=self.address, log_to_driver=False)
             self._started_ray = True
@@ -371,6 +359,33 @@ class RayExecutor:
             ) from None
         self.workers = [self._actor(w) for w in range(self.num_workers)]
         return self
+
+    def _init_local_ray(self) -> None:
+        """An embedded Ray whose sockets all listen on 127.0.0.1.
+
+        Ray binds the machine's network address unless its "local only" switch is off.
+        The switch is read from the environment at import (by this process and by the
+        raylet and workers it starts), so it is set for the start and put back afterwards.
+        """
+        import ray
+        from ray._private import ray_constants
+
+        key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+        saved_env, saved_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+        os.environ[key] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            # the machine's cores, or more if the workers ask for more (Ray's CPUs are a
+            # scheduling count, not a pinning)
+            cpus = max(int(np.ceil(self.num_workers * self.num_cpus_per_worker)), os.cpu_count() or 1)
+            ray.init(num_cpus=cpus, num_gpus=int(np.ceil(self.num_workers * self.num_gpus_per_worker)) or None,
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        finally:
+            if saved_env is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = saved_env
+            ray_constants.ENABLE_RAY_CLUSTER = saved_flag
 
     def _actor(self, w: int):
         import ray
