@@ -331,3 +331,41 @@ def test_fit_with_groups_and_batches(toy, loss, negatives):
     W = np.asarray(model.W_)
     assert W.shape == (20, 16) and np.all(np.isfinite(W)) and np.abs(W).max() > 0
     assert all(np.isfinite(h["loss"]) for h in model.history_)
+
+
+def _two_cycle_data(n=1200, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.integers(0, 12, n)
+    centres = rng.standard_normal((12, 16))
+    rotation = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    X = (centres[c] + 0.6 * rng.standard_normal((n, 16))).astype(np.float32)
+    Y = (centres[c] @ rotation + 0.6 * rng.standard_normal((n, 16))).astype(np.float32)
+    return X, Y
+
+
+def test_damping_breaks_the_two_cycle_and_keeps_the_fixed_point():
+    """The plain map settles into W_k = W_{k-2} != W_{k-1} here; with damping it converges to
+    a point the plain map leaves where it is (a fixed point of W -> [C(W)]_r / rho)."""
+    import torch
+
+    from unicon_dist.closed_form import closed_form_step
+
+    X, Y = _two_cycle_data()
+    params = dict(rank=6, temperature=0.5, factorization="sqrt", max_iter=60, tol=1e-6)
+    plain = ud.UniCon(**params).fit(X, Y)
+    assert not plain.converged_
+    damped = ud.UniCon(**params, damping=0.5).fit(X, Y)
+    assert damped.converged_
+    # one undamped step from the damped fixed point returns it
+    phi_x, phi_y = torch.as_tensor(X), torch.as_tensor(Y)
+    op = damped._operator(phi_x, phi_y, torch.as_tensor(damped.F1_), torch.as_tensor(damped.F2_), None)
+    F1, F2 = closed_form_step(op.materialize(), 6, 1.0, 0.0, "sqrt")
+    W_next = (F1.T @ F2).numpy()
+    assert np.linalg.norm(W_next - damped.W_) / np.linalg.norm(damped.W_) < 1e-4
+
+
+@pytest.mark.parametrize("damping", [0, -0.5, 1.5, True, "half"])
+def test_damping_is_validated(damping):
+    X, Y = _two_cycle_data(n=50)
+    with pytest.raises(ValueError, match="damping must be a number in"):
+        ud.UniCon(rank=2, damping=damping).fit(X, Y)

@@ -13,7 +13,7 @@ import torch
 
 from . import __version__
 from . import checkpoint as _ckpt
-from .closed_form import FACTORIZATIONS, closed_form_step
+from .closed_form import FACTORIZATIONS, closed_form_step, truncated_svd
 from .kernels import Kernel, Linear, get_kernel, kernel_from_params, median_sample
 from .losses import get_loss, loss_from_params
 from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
@@ -89,6 +89,10 @@ class UniCon:
         Maximum number of closed-form steps.
     tol : float
         Stop when ‖W_k − W_{k−1}‖_F / ‖W_k‖_F < tol.
+    damping : float
+        η in (0, 1]: W_k = [(1 − η)W_{k−1} + η W*_k]_r with W*_k the closed-form step.
+        1 (default) is the plain fixed point; η < 1 has the same fixed points and breaks
+        the 2-cycles the plain map can fall into (small τ, cosine similarity).
     svd : {"auto", "exact", "randomized"}
         Solver of the rank-r step.  "auto": LAPACK when the smaller feature side has at
         most 1024 features, else the randomized SVD (Halko et al., 2011), run on the
@@ -124,8 +128,8 @@ class UniCon:
     n_iter_ : int
     converged_ : bool
     best_iteration_ : int
-        The iterate kept: the one with the lowest objective (the last one when the
-        iteration converged to a fixed point that is also the best iterate seen).
+        The iterate kept: the fixed point when the iteration converged, else the
+        iterate with the lowest objective.
     n_inputs_x_, n_inputs_y_ : int
         Input dimensions of the two views.
     n_features_x_, n_features_y_ : int
@@ -163,6 +167,7 @@ class UniCon:
         ridge: float = 0.0,
         max_iter: int = 10,
         tol: float = 1e-4,
+        damping: float = 1.0,
         svd: str = "auto",
         svd_oversampling: int = 10,
         svd_power_iter: int = 2,
@@ -190,6 +195,7 @@ class UniCon:
         self.ridge = ridge
         self.max_iter = max_iter
         self.tol = tol
+        self.damping = damping
         self.svd = svd
         self.svd_oversampling = svd_oversampling
         self.svd_power_iter = svd_power_iter
@@ -202,8 +208,8 @@ class UniCon:
     # ------------------------------------------------------------ parameters
     _PARAMS = (
         "rank", "kernel", "kernel_x", "kernel_y", "n_landmarks", "landmarks", "eig_floor", "loss", "temperature",
-        "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "max_iter", "tol", "svd",
-        "svd_oversampling", "svd_power_iter", "seed", "device", "dtype", "memory_budget", "verbose",
+        "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "max_iter", "tol",
+        "damping", "svd", "svd_oversampling", "svd_power_iter", "seed", "device", "dtype", "memory_budget", "verbose",
     )
 
     def get_params(self, deep: bool = True) -> dict:
@@ -252,6 +258,8 @@ class UniCon:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
             raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and 0 < self.damping <= 1):
+            raise ValueError(f"damping must be a number in (0, 1], got {self.damping!r}")
         if self.svd not in SVD_SOLVERS:
             raise ValueError(f"svd must be one of {SVD_SOLVERS}, got {self.svd!r}")
         device = resolve_device(self.device)
@@ -432,6 +440,8 @@ class UniCon:
             # contiguous, like the arrays a resumed fit reads back, so that both multiply
             # the same memory layouts (BLAS results can depend on them)
             F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
+            if self.damping < 1 and it > 1:
+                F1, F2 = _damped(W_prev, F1.T @ F2, float(self.damping), int(self.rank))
             W = F1.T @ F2
             delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
             t_svd = time.perf_counter() - t_svd
@@ -449,10 +459,12 @@ class UniCon:
             if self.verbose:
                 logger.info("iteration %d: loss %.6g, delta_w %.3e, %.2fs (%s)", it, op.loss, delta, seconds,
                             ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
-            if best is None or objective < best[0]:
-                best = (objective, it, F1, F2, W)
             W_prev = W
             self.converged_ = delta < self.tol
+            # a converged fit keeps its fixed point (a stationary point of L + R), even when an
+            # earlier iterate on the way had a slightly lower objective
+            if best is None or objective < best[0] or self.converged_:
+                best = (objective, it, F1, F2, W)
             if run is not None:
                 run.write(self, it, F1, F2, W, best, finished=self.converged_ or it == int(self.max_iter))
             if self.converged_:
@@ -461,8 +473,8 @@ class UniCon:
             op.release()
         self.n_iter_ = len(self.history_)
         # The fixed-point map need not contract (small τ with cosine similarity can
-        # oscillate), so the encoders kept are those of the iterate with the lowest
-        # L + R; at convergence that is the fixed point itself.
+        # oscillate), so without convergence the encoders kept are those of the iterate
+        # with the lowest L + R; with convergence, the fixed point.
         _, self.best_iteration_, F1, F2, W = best
         self.loss_ = self.history_[self.best_iteration_ - 1]["loss"]
         if not self.converged_:
@@ -812,6 +824,19 @@ class _SimilarityValue(str):
 
 
 UniCon.similarity = _SimilarityDescriptor()
+
+
+def _damped(W_prev: torch.Tensor, W_new: torch.Tensor, eta: float, rank: int):
+    """Encoders of W = [(1 − η)W_prev + η W_new]_r, split as F1 = S^{1/2}Uᵀ, F2 = S^{1/2}Vᵀ.
+
+    Damping keeps the fixed points (at W_new = W_prev it returns W_prev) but not the
+    path: the undamped map can settle into a 2-cycle W_k = W_{k−2} ≠ W_{k−1}, which an
+    average with the previous iterate breaks (Krasnosel'skii–Mann iteration).  At a fixed
+    point of the orthonormal factorization S = 1, so the split is F1 = Uᵀ, F2 = Vᵀ there.
+    """
+    U, S, Vh = truncated_svd((1.0 - eta) * W_prev + eta * W_new.to(W_prev.dtype), rank)
+    root = torch.sqrt(S)[:, None]
+    return (root * U.T).to(W_new.dtype).contiguous(), (root * Vh).to(W_new.dtype).contiguous()
 
 
 def _phases(before: dict, after: dict, built: dict, svd_seconds: float, matrix_free: bool) -> dict:
