@@ -152,6 +152,34 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- resolve
+def cmd_resolve(args) -> int:
+    import time
+
+    import unicon_dist as ud
+
+    model = ud.UniCon.load(args.model)
+    version = (model.lineage_[-1]["version"] if model.lineage_ else 1) + 1
+    out = args.out if args.out is not None else args.model.with_name(f"{_stem(args.model)}.v{version}.npz")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; model versions are never overwritten (pass another --out)")
+    t0 = time.perf_counter()
+    new = model.refit(args.store, warm_start=not args.cold)
+    path = new.save(out)
+    last = new.lineage_[-1]
+    print(f"version {last['version']} (parent {last['parent']}): rows {last['rows'][0]}-{last['rows'][1] - 1}, "
+          f"{last['rows'][1] - model.data_['n_rows']:,} new; {last['start']} start, {new.n_iter_} iterations "
+          f"({'converged' if new.converged_ else 'not converged'}) in {time.perf_counter() - t0:.1f}s -> {path}")
+    return 0
+
+
+def _stem(path: Path) -> str:
+    """model.v3.npz -> model: versions sit next to the first one."""
+    stem = path.stem
+    head, _, tail = stem.rpartition(".v")
+    return head if head and tail.isdigit() else stem
+
+
 # ---------------------------------------------------------------------------- ingest
 def _label_names_arg(args):
     if args.label_names_file is not None:
@@ -260,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the subset")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    res = sub.add_parser("resolve", help="re-solve a saved model on the rows appended to its store since",
+                         description="Load MODEL, re-solve on every row of its pair store (warm start from the "
+                                     "model's encoders, its Nyström maps kept) and write the result as a new "
+                                     "version next to it (MODEL.vK.npz); the old file is never changed.")
+    res.add_argument("--model", type=Path, required=True, help="a model written by solve, demo or resolve")
+    res.add_argument("--store", type=Path, default=None, help="the grown store (default: the one the model records)")
+    res.add_argument("--out", type=Path, default=None, help="file of the new version (default MODEL.vK.npz)")
+    res.add_argument("--cold", action="store_true", help="start from s = 0 instead of the model's encoders")
+    res.set_defaults(func=cmd_resolve)
 
     _add_ingest_parser(sub)
     return parser

@@ -20,6 +20,7 @@ from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
 from .persistence import atomic_save_npz, load_npz
 from .progress import LogProgress
 from .rows import StoreRows, embed, features, inverse_norms
+from .versions import check_appended, store_provenance
 from .streamed import CrossProductOperator, make_batches
 from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 
@@ -343,9 +344,51 @@ class UniCon:
             )
             phi_x, phi_y = self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype)
             self._start(loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
+            self.data_ = {"source": "arrays", "n_rows": int(n), "dim_x": int(X.shape[1]), "dim_y": int(Y.shape[1])}
             return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
 
-    def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype):
+    def refit(self, store=None, *, warm_start: bool = True, executor=None) -> "UniCon":
+        """A new model on every row of the store this one was fitted on, after appends.
+
+        The receiver is left unchanged.  The new model keeps this model's Nyström maps
+        and, with ``warm_start``, starts the fixed point from this model's encoders
+        instead of s = 0 (the exact mode: full passes over all rows).  Its ``lineage_``
+        extends this model's: version, parent version, rows covered, new rows, start,
+        iterations, seconds.
+
+        Parameters
+        ----------
+        store : PairStore, str or Path, optional
+            Default: the store recorded in ``data_``.  It must be that store grown by
+            appends (same creation time and schema, at least as many rows, the covered
+            rows unchanged); anything else raises ValueError naming what differs.
+        warm_start : bool
+            Start from this model's encoders (default) or from s = 0.
+        executor : LocalExecutor or RayExecutor, optional
+
+        Returns
+        -------
+        UniCon
+            The new version (save it under a new name; nothing is overwritten).
+        """
+        self._check_fitted()
+        data = getattr(self, "data_", None) or {}
+        target = store if store is not None else data.get("store")
+        store = _as_store(target) if target is not None else None
+        if store is None:
+            raise ValueError("refit needs a pair store (this model records none)")
+        check_appended(data, store)
+        params = self.get_params()
+        params["similarity"] = str(params["similarity"])
+        params["loss"] = self.loss_fn_
+        new = type(self)(**params)
+        loss_fn, kernels, device, dtype = new._validate_params()
+        new._parent = {"lineage": list(getattr(self, "lineage_", []) or [{"version": 1}]), "n_rows": data["n_rows"]}
+        start = (torch.as_tensor(self.F1_), torch.as_tensor(self.F2_)) if warm_start else None
+        return new._fit_store(store, None, executor, loss_fn, kernels, device, dtype,
+                              maps=(self.map_x_, self.map_y_), start=start)
+
+    def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype, maps=None, start=None):
         from .executors import LocalExecutor
 
         n = len(store)
@@ -366,10 +409,12 @@ class UniCon:
             x, y, _ = store.read(rows)
             return torch.as_tensor(x if side == "x" else y, device=driver)
 
-        maps = []
-        for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y)):
-            maps.append(self._fit_map_rows(lambda rows, s=side: read(rows, s), n, dim, kernel, side.upper()))
+        if maps is None:
+            maps = []
+            for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y)):
+                maps.append(self._fit_map_rows(lambda rows, s=side: read(rows, s), n, dim, kernel, side.upper()))
         self.map_x_, self.map_y_ = maps
+        self.data_ = store_provenance(store, n)
         mx = store.dim_x if self.map_x_ is None else self.map_x_.n_features
         my = store.dim_y if self.map_y_ is None else self.map_y_.n_features
         self._start(loss_fn, store.dim_x, store.dim_y, mx, my)
@@ -394,7 +439,7 @@ class UniCon:
                 device=device, dtype=dtype, progress=LogProgress(logger, rows=n) if self.verbose else None,
             )
 
-        return self._iterate(make_operator, driver)
+        return self._iterate(make_operator, driver, init=start)
 
     def _start(self, loss_fn, dx, dy, mx, my):
         if self.rank > min(mx, my):
@@ -404,7 +449,7 @@ class UniCon:
         self.n_features_x_, self.n_features_y_ = mx, my
         self.n_inputs_x_, self.n_inputs_y_ = dx, dy
 
-    def _iterate(self, make_operator, device):
+    def _iterate(self, make_operator, device, init=None):
         """The fixed point: closed-form steps on the operators ``make_operator(F1, F2)`` gives.
 
         Under ``fit(checkpoint=...)`` the state is written after every step.  Resuming
@@ -425,7 +470,12 @@ class UniCon:
             self.converged_ = False
             W_prev = torch.zeros((mx, my), dtype=torch.float64, device=device)
             best = None  # (objective, iteration, F1, F2, W)
-            op = make_operator(None, None)
+            if init is None:
+                op = make_operator(None, None)
+            else:  # a warm start: the fixed point continues from given encoders
+                F1, F2 = (torch.as_tensor(F, device=device).contiguous() for F in init)
+                W_prev = (F1.T @ F2).to(torch.float64)
+                op = make_operator(F1, F2)
             self.initial_loss_ = op.loss
         stop = start if finished else int(self.max_iter) + 1
         for it in range(start, stop):
@@ -482,6 +532,17 @@ class UniCon:
                 "UniCon did not converge in %d iterations (last delta_w %.3g > tol %.3g); keeping iteration %d, "
                 "the lowest objective", self.n_iter_, delta, self.tol, self.best_iteration_,
             )
+        parent = self.__dict__.pop("_parent", None)  # set by refit
+        self.lineage_ = (parent["lineage"] if parent else []) + [{
+            "version": parent["lineage"][-1]["version"] + 1 if parent else 1,
+            "parent": parent["lineage"][-1]["version"] if parent else None,
+            "rows": [0, int(self.data_["n_rows"])],
+            "new_rows": [int(parent["n_rows"]), int(self.data_["n_rows"])] if parent else None,
+            "start": "cold" if init is None else "warm",
+            "iterations": self.n_iter_,
+            "converged": self.converged_,
+            "seconds": float(sum(h["seconds"] for h in self.history_)),
+        }]
         self.F1_ = F1.cpu().numpy()
         self.F2_ = F2.cpu().numpy()
         self.W_ = W.cpu().numpy()
@@ -683,6 +744,8 @@ class UniCon:
             "loss": self.loss_,
             "initial_loss": self.initial_loss_,
             "best_iteration": self.best_iteration_,
+            "data": getattr(self, "data_", None),
+            "lineage": getattr(self, "lineage_", []),
         }
         return atomic_save_npz(path, header, arrays)
 
@@ -748,6 +811,8 @@ class UniCon:
         model.loss_ = float(header["loss"])
         model.initial_loss_ = float(header["initial_loss"])
         model.best_iteration_ = int(header["best_iteration"])
+        model.data_ = header.get("data")
+        model.lineage_ = header.get("lineage", [])
         return model
 
 

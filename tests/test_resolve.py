@@ -1,0 +1,90 @@
+"""Re-solving after appends: warm exact refit, provenance, refusal of changed stores."""
+
+import numpy as np
+import pytest
+
+import unicon_dist as ud
+from unicon_dist.cli import main
+
+from test_model import _two_cycle_data
+
+PARAMS = dict(rank=6, temperature=0.5, factorization="sqrt", max_iter=60, tol=1e-6, damping=0.5)
+
+
+@pytest.fixture()
+def grown(tmp_path):
+    """A store of 1,000 pairs with a model fitted on it, then 200 more pairs appended."""
+    X, Y = _two_cycle_data(n=1200)
+    store = ud.PairStore.create(tmp_path / "s.zarr", 16, 16)
+    store.append(X[:1000], Y[:1000])
+    model = ud.UniCon(**PARAMS).fit(store)
+    store.append(X[1000:], Y[1000:])
+    return store, model, X, Y
+
+
+def test_warm_refit_reaches_the_cold_fixed_point_in_fewer_iterations(grown):
+    store, model, X, Y = grown
+    W_before = model.W_.copy()
+    warm = model.refit()
+    cold = ud.UniCon(**PARAMS).fit(store)
+    assert warm.converged_ and cold.converged_
+    assert np.linalg.norm(warm.W_ - cold.W_) / np.linalg.norm(cold.W_) < 1e-4
+    assert warm.n_iter_ < cold.n_iter_
+    np.testing.assert_array_equal(model.W_, W_before)  # the parent is untouched
+    assert warm.map_x_ is model.map_x_
+
+
+def test_lineage_and_provenance_are_recorded_and_saved(grown, tmp_path):
+    store, model, _, _ = grown
+    assert model.lineage_ == [dict(model.lineage_[0], version=1, parent=None, rows=[0, 1000], start="cold")]
+    assert model.data_["n_rows"] == 1000 and model.data_["store"] == str(store.path.resolve())
+    warm = model.refit(store)
+    last = warm.lineage_[-1]
+    assert (last["version"], last["parent"], last["rows"], last["new_rows"], last["start"]) == (
+        2, 1, [0, 1200], [1000, 1200], "warm")
+    assert last["iterations"] == warm.n_iter_ and last["seconds"] > 0
+    loaded = ud.UniCon.load(warm.save(tmp_path / "v2.npz"))
+    assert loaded.lineage_ == warm.lineage_ and loaded.data_ == warm.data_
+    third = loaded.refit()  # no new rows: continues from the fixed point at once
+    assert third.lineage_[-1]["version"] == 3 and third.n_iter_ <= 2
+
+
+def test_refit_refuses_a_changed_store(grown, tmp_path):
+    store, model, X, Y = grown
+    # rebuilt at the same path with the same rows: a different store (creation time)
+    again = ud.PairStore.create(store.path, 16, 16, overwrite=True)
+    again.append(X, Y)
+    with pytest.raises(ValueError, match="was created at .* not at"):
+        model.refit()
+    other = ud.PairStore.create(tmp_path / "other.zarr", 16, 8)
+    other.append(X[:, :16], Y[:, :8])
+    with pytest.raises(ValueError, match="dim_y is 8 but the model was fitted on 16"):
+        model.refit(other)
+    with pytest.raises(ValueError, match="in-memory arrays"):
+        ud.UniCon(**PARAMS).fit(X, Y).refit(store)
+
+
+def test_refit_refuses_changed_rows(grown, monkeypatch):
+    store, model, _, _ = grown
+    original = type(store).read
+
+    def tampered(self, rows):
+        x, y, g = original(self, rows)
+        return x + 1.0, y, g
+
+    monkeypatch.setattr(type(store), "read", tampered)
+    with pytest.raises(ValueError, match="the first 1000 rows, which the model was fitted on, have changed"):
+        model.refit()
+
+
+def test_resolve_cli_writes_a_new_version(grown, tmp_path, capsys):
+    store, model, _, _ = grown
+    path = model.save(tmp_path / "model.npz")
+    before = path.read_bytes()
+    assert main(["resolve", "--model", str(path)]) == 0
+    out = tmp_path / "model.v2.npz"
+    assert out.exists() and path.read_bytes() == before
+    assert ud.UniCon.load(out).lineage_[-1]["rows"] == [0, 1200]
+    assert "version 2" in capsys.readouterr().out
+    assert main(["resolve", "--model", str(path)]) == 2  # the version file exists: never overwritten
+    assert "already exists" in capsys.readouterr().err
