@@ -164,7 +164,7 @@ def cmd_resolve(args) -> int:
     if out.exists():
         raise FileExistsError(f"{out} already exists; model versions are never overwritten (pass another --out)")
     t0 = time.perf_counter()
-    new = model.refit(args.store, warm_start=not args.cold)
+    new = model.refit(args.store, mode=args.mode, warm_start=not args.cold)
     path = new.save(out)
     last = new.lineage_[-1]
     print(f"version {last['version']} (parent {last['parent']}): rows {last['rows'][0]}-{last['rows'][1] - 1}, "
@@ -296,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--model", type=Path, required=True, help="a model written by solve, demo or resolve")
     res.add_argument("--store", type=Path, default=None, help="the grown store (default: the one the model records)")
     res.add_argument("--out", type=Path, default=None, help="file of the new version (default MODEL.vK.npz)")
-    res.add_argument("--cold", action="store_true", help="start from s = 0 instead of the model's encoders")
+    res.add_argument("--mode", choices=("exact", "fast"), default="exact",
+                     help="exact: the fixed point over all rows (default); fast: fold the new rows into the "
+                          "model's C at its encoders and take one SVD (an approximation, see UniCon.refit)")
+    res.add_argument("--cold", action="store_true", help="exact mode: start from s = 0 instead of the model's encoders")
     res.set_defaults(func=cmd_resolve)
 
     _add_ingest_parser(sub)

@@ -347,7 +347,7 @@ class UniCon:
             self.data_ = {"source": "arrays", "n_rows": int(n), "dim_x": int(X.shape[1]), "dim_y": int(Y.shape[1])}
             return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
 
-    def refit(self, store=None, *, warm_start: bool = True, executor=None) -> "UniCon":
+    def refit(self, store=None, *, mode: str = "exact", warm_start: bool = True, executor=None) -> "UniCon":
         """A new model on every row of the store this one was fitted on, after appends.
 
         The receiver is left unchanged.  The new model keeps this model's Nyström maps
@@ -362,8 +362,17 @@ class UniCon:
             Default: the store recorded in ``data_``.  It must be that store grown by
             appends (same creation time and schema, at least as many rows, the covered
             rows unchanged); anything else raises ValueError naming what differs.
+        mode : {"exact", "fast"}
+            "exact": the fixed point over all rows.  "fast": one SVD of
+            C ≈ (n_old·C_old + n_new·C_new)/n, where C_old is the C this model's step was
+            solved from and C_new = Φ_newᵀ S(γ) Φ_new is formed over the new rows only, at
+            this model's encoders.  The approximation: the old rows' block keeps its
+            weights from the previous encoders, and old and new rows are not negatives of
+            each other (S is block-diagonal between the two sets, as with batched
+            negatives).  It costs one pass over the new rows instead of fixed-point passes
+            over all of them.  Needs a model that kept its C (an explicit-SVD fit).
         warm_start : bool
-            Start from this model's encoders (default) or from s = 0.
+            Exact mode: start from this model's encoders (default) or from s = 0.
         executor : LocalExecutor or RayExecutor, optional
 
         Returns
@@ -384,9 +393,58 @@ class UniCon:
         new = type(self)(**params)
         loss_fn, kernels, device, dtype = new._validate_params()
         new._parent = {"lineage": list(getattr(self, "lineage_", []) or [{"version": 1}]), "n_rows": data["n_rows"]}
+        if mode == "fast":
+            return new._fast_update(self, store, loss_fn, device, dtype)
+        if mode != "exact":
+            raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         start = (torch.as_tensor(self.F1_), torch.as_tensor(self.F2_)) if warm_start else None
         return new._fit_store(store, None, executor, loss_fn, kernels, device, dtype,
                               maps=(self.map_x_, self.map_y_), start=start)
+
+    def _fast_update(self, parent, store, loss_fn, device, dtype) -> "UniCon":
+        """Fold the appended rows into the parent's C at its encoders; one SVD (see refit)."""
+        if getattr(parent, "C_", None) is None:
+            raise ValueError("mode='fast' needs the C the model was solved from; this model has none (fitted with "
+                             "a matrix-free SVD, resumed, or saved by an older unicon_dist); use mode='exact'")
+        t0 = time.perf_counter()
+        n_old, n = parent.data_["n_rows"], len(store)
+        self.map_x_, self.map_y_ = parent.map_x_, parent.map_y_
+        self._start(loss_fn, store.dim_x, store.dim_y, parent.n_features_x_, parent.n_features_y_)
+        F1, F2 = torch.as_tensor(parent.F1_, device=device), torch.as_tensor(parent.F2_, device=device)
+        C = torch.as_tensor(parent.C_, dtype=torch.float64, device=device) * n_old
+        loss_new = float("nan")
+        if n > n_old:
+            rows = StoreRows(str(store.path), self.map_x_, self.map_y_, F1, F2, str(self.similarity), dtype,
+                             str(device), _store=store)
+            op = CrossProductOperator.from_loader(
+                _Shifted(rows, n_old), n - n_old, (self.n_features_x_, self.n_features_y_), int(self.rank),
+                loss=loss_fn, negatives=self.negatives, batch_split=self.batch_split, seed=self.seed,
+                groups=store.read_groups(slice(n_old, n)) if store.has_groups else None,
+                norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None, memory_budget=self.memory_budget,
+                device=device, dtype=dtype,
+            )
+            C += op.materialize() * (n - n_old)
+            loss_new = op.loss
+        C /= n
+        F1, F2 = closed_form_step(C, int(self.rank), self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
+                                  oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter),
+                                  seed=self.seed)
+        self.F1_, self.F2_ = F1.cpu().numpy(), F2.cpu().numpy()
+        self.W_ = self.F1_.T @ self.F2_
+        self.C_ = C.cpu().numpy()
+        seconds = time.perf_counter() - t0
+        # the loss over all rows would need the passes this mode avoids: only the new rows'
+        self.history_ = [{"iteration": 1, "loss_new_rows": loss_new, "seconds": seconds, "mode": "fast"}]
+        self.n_iter_, self.best_iteration_, self.converged_ = 1, 1, False
+        self.loss_ = self.initial_loss_ = float("nan")
+        self.data_ = store_provenance(store, n)
+        parent_info = self.__dict__.pop("_parent")
+        self.lineage_ = parent_info["lineage"] + [{
+            "version": parent_info["lineage"][-1]["version"] + 1, "parent": parent_info["lineage"][-1]["version"],
+            "rows": [0, n], "new_rows": [n_old, n], "start": "fast", "iterations": 1, "converged": False,
+            "seconds": seconds,
+        }]
+        return self
 
     def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype, maps=None, start=None):
         from .executors import LocalExecutor
@@ -477,6 +535,7 @@ class UniCon:
                 W_prev = (F1.T @ F2).to(torch.float64)
                 op = make_operator(F1, F2)
             self.initial_loss_ = op.loss
+        best_C = None
         stop = start if finished else int(self.max_iter) + 1
         for it in range(start, stop):
             t0 = time.perf_counter()
@@ -515,6 +574,7 @@ class UniCon:
             # earlier iterate on the way had a slightly lower objective
             if best is None or objective < best[0] or self.converged_:
                 best = (objective, it, F1, F2, W)
+                best_C = None if self._matrix_free else C  # what a fast update folds new rows into
             if run is not None:
                 run.write(self, it, F1, F2, W, best, finished=self.converged_ or it == int(self.max_iter))
             if self.converged_:
@@ -526,6 +586,9 @@ class UniCon:
         # oscillate), so without convergence the encoders kept are those of the iterate
         # with the lowest L + R; with convergence, the fixed point.
         _, self.best_iteration_, F1, F2, W = best
+        # C of the kept step (None when it was never formed, or after a resumed fit that
+        # did not recompute it)
+        self.C_ = None if best_C is None else best_C.cpu().numpy()
         self.loss_ = self.history_[self.best_iteration_ - 1]["loss"]
         if not self.converged_:
             logger.warning(
@@ -728,6 +791,8 @@ class UniCon:
         self._check_fitted()
         maps, map_arrays = self._maps_state()
         arrays = {"F1": self.F1_, "F2": self.F2_, **map_arrays}
+        if getattr(self, "C_", None) is not None:
+            arrays["C"] = self.C_
         header = {
             "format": _FORMAT,
             "version": __version__,
@@ -813,6 +878,7 @@ class UniCon:
         model.best_iteration_ = int(header["best_iteration"])
         model.data_ = header.get("data")
         model.lineage_ = header.get("lineage", [])
+        model.C_ = arrays.get("C")
         return model
 
 
@@ -889,6 +955,18 @@ class _SimilarityValue(str):
 
 
 UniCon.similarity = _SimilarityDescriptor()
+
+
+class _Shifted:
+    """A row loader over rows ``offset`` onwards (the rows appended since a fit)."""
+
+    def __init__(self, loader, offset: int):
+        self.loader, self.offset = loader, offset
+
+    def __call__(self, rows):
+        if isinstance(rows, slice):
+            return self.loader(slice(rows.start + self.offset, rows.stop + self.offset))
+        return self.loader(np.asarray(rows) + self.offset)
 
 
 def _damped(W_prev: torch.Tensor, W_new: torch.Tensor, eta: float, rank: int):
