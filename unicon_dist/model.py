@@ -403,6 +403,9 @@ class UniCon:
 
     def _fast_update(self, parent, store, loss_fn, device, dtype) -> "UniCon":
         """Fold the appended rows into the parent's C at its encoders; one SVD (see refit)."""
+        if not parent.converged_:
+            raise ValueError("mode='fast' needs a model at its fixed point (converged_ is False: its C does not "
+                             "belong to its encoders); use mode='exact', or damping < 1 to reach convergence")
         if getattr(parent, "C_", None) is None:
             raise ValueError("mode='fast' needs the C the model was solved from; this model has none (fitted with "
                              "a matrix-free SVD, resumed, or saved by an older unicon_dist); use mode='exact'")
