@@ -68,7 +68,13 @@ def _load_model(model):
 
     if isinstance(model, (str, Path)):
         return UniCon.load(model)
-    model._check_fitted()
+    if not (hasattr(model, "encode_x") and hasattr(model, "encode_y")):
+        raise TypeError(f"model must be a fitted model with encode_x and encode_y (or a saved UniCon's path), "
+                        f"got {type(model).__name__}")
+    # UniCon and the baselines say when they are not fitted; other encoders are taken as they are
+    check_fitted = getattr(model, "_check_fitted", None)
+    if check_fitted is not None:
+        check_fitted()
     return model
 
 
