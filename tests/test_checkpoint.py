@@ -18,6 +18,7 @@ import unicon_dist as ud
 import unicon_dist.model as model_module
 from unicon_dist.checkpoint import FORMAT, array_digest, load_checkpoint, read_checkpoint_header
 from unicon_dist.cli import main
+from unicon_dist.whitening import FeatureWhitening, Moments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,8 @@ OSCILLATING = dict(rank=3, temperature=0.1, max_iter=6, tol=0.0)
 CONVERGING = dict(rank=3, temperature=2.0, max_iter=30, tol=1e-3)
 # Nyström maps on both views (resolved RBF bandwidth, landmarks) and a randomized SVD.
 NYSTROEM = dict(rank=3, kernel="rbf", n_landmarks=30, svd="randomized", temperature=0.2, max_iter=5, tol=0.0)
+# Centred, whitened features and damped (shifted) orthonormal steps.
+WHITENED = dict(rank=3, center=True, whiten=1e-2, damping=0.5, temperature=0.2, max_iter=5, tol=0.0)
 
 
 def make_data(n=150, seed=0):
@@ -101,6 +104,10 @@ def assert_same_model(resumed, reference):
         assert getattr(resumed, attr) == getattr(reference, attr), attr
     for side in ("map_x_", "map_y_"):
         a, b = getattr(resumed, side), getattr(reference, side)
+        assert type(a) is type(b)
+        if isinstance(a, FeatureWhitening):
+            assert torch.equal(a.mean, b.mean) and torch.equal(a.matrix, b.matrix)
+            a, b = a.base, b.base
         assert (a is None) == (b is None)
         if a is not None:
             assert a.kernel == b.kernel
@@ -109,8 +116,8 @@ def assert_same_model(resumed, reference):
 
 
 # --------------------------------------------------------------------------- in memory
-@pytest.mark.parametrize("options, k", [(OSCILLATING, 2), (CONVERGING, 2), (NYSTROEM, 3)],
-                         ids=["oscillating", "converging", "nystroem"])
+@pytest.mark.parametrize("options, k", [(OSCILLATING, 2), (CONVERGING, 2), (NYSTROEM, 3), (WHITENED, 2)],
+                         ids=["oscillating", "converging", "nystroem", "whitened"])
 def test_resume_arrays_equals_uninterrupted(tmp_path, monkeypatch, data, options, k):
     X, Y = data
     groups = np.arange(len(X)) // 3
@@ -130,6 +137,7 @@ def test_resume_arrays_equals_uninterrupted(tmp_path, monkeypatch, data, options
     with monkeypatch.context() as mp:
         steps = count_steps(mp)
         mp.setattr(ud.NystroemMap, "fit", fail)  # the maps come from the checkpoint
+        mp.setattr(Moments, "add", fail)  # and so does the whitening
         resumed = ud.UniCon(**options).fit(X, Y, groups, checkpoint=ckpt, resume=True)
     assert len(steps) == reference.n_iter_ - k
     assert_same_model(resumed, reference)
@@ -145,8 +153,10 @@ def test_checkpoint_history_has_every_iteration(tmp_path, data):
     model = ud.UniCon(**OSCILLATING).fit(X, Y, checkpoint=ckpt)  # resume=False: a plain fit that also writes
     header, arrays = load_checkpoint(ckpt)
     assert header["history"] == json.loads(json.dumps(model.history_))
-    assert header["best"] == {"objective": model.history_[model.best_iteration_ - 1]["objective"],
+    # cosine similarity: iterates are compared by the loss (R only sets the scale of W)
+    assert header["best"] == {"criterion": model.history_[model.best_iteration_ - 1]["loss"],
                               "iteration": model.best_iteration_}
+    assert header["stop_reason"] == model.stop_reason_ == "max_iter"
     assert np.array_equal(arrays["best_F1"], model.F1_) and np.array_equal(arrays["best_W"], model.W_)
     assert header["n_features"] == [8, 6] and header["n_inputs"] == [8, 6] and header["svd_solver"] == "exact"
     assert "verbose" not in header["fingerprint"]  # logging changes no number

@@ -78,6 +78,9 @@ CASES = [
     ("plain", dict(negatives=128, batch_split="contiguous")),
     ("groups", dict(negatives=200, loss="sigmoid")),
     ("plain", dict(kernel="rbf", n_landmarks=40)),
+    # centring and ridge whitening: their moments come from one extra read of the store
+    ("plain", dict(center=True, whiten=1e-2)),
+    ("groups", dict(kernel="rbf", n_landmarks=40, center=True, whiten=1e-1, damping=0.5)),
     # matrix-free randomized SVD: C·Ω and Cᵀ·Ω stream the panels
     ("plain", dict(kernel_x="laplacian", kernel_y="angular", n_landmarks=30, svd="randomized",
                    svd_oversampling=2, svd_power_iter=0)),

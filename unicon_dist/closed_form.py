@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["truncated_svd", "closed_form_step", "tangent_projection", "FACTORIZATIONS"]
+__all__ = ["truncated_svd", "closed_form_step", "damped_target", "tangent_projection", "FACTORIZATIONS"]
 
 FACTORIZATIONS = ("orthonormal", "sqrt")
 
@@ -54,8 +54,49 @@ class _Shifted:
         return self.op.rmatmul(omega).to(torch.float64).cpu() + self._eye(omega, self.shape[1])
 
 
+class _Mixed:
+    """η·C + β·W_prev as an operator over a matrix-free C (W_prev explicit, m_x × m_y)."""
+
+    def __init__(self, op, W_prev: torch.Tensor, eta: float, beta: float):
+        self.op, self.W, self.eta, self.beta, self.shape = op, W_prev.to(torch.float64).cpu(), eta, beta, tuple(op.shape)
+
+    def matmul(self, omega):
+        omega64 = omega.to(torch.float64).cpu()
+        return self.eta * self.op.matmul(omega).to(torch.float64).cpu() + self.beta * (self.W @ omega64)
+
+    def rmatmul(self, omega):
+        omega64 = omega.to(torch.float64).cpu()
+        return self.eta * self.op.rmatmul(omega).to(torch.float64).cpu() + self.beta * (self.W.T @ omega64)
+
+
+def damped_target(C, W_prev: torch.Tensor, eta: float, scale: float):
+    """M = η·C + (1 − η)·scale·W_prev: the matrix whose rank-r SVD is the damped step.
+
+    With ``scale = ρ`` and the "sqrt" factorization, [M]_r/ρ is the projected gradient
+    step of length η/ρ on L + (ρ/2)‖W‖² (the plain step is length 1/ρ, η = 1), which
+    converges when η/ρ is small against the curvature of L.  For the "orthonormal"
+    factorization W_prev has unit singular values and only M's singular subspaces
+    matter, so ``scale`` (the mean of C's top-r singular values) puts W_prev on C's
+    scale.  That step is the generalized power method (Journée, Nesterov, Richtárik &
+    Sepulchre, JMLR 2010) on −L + (α/2)‖W‖², α = (1 − η)·scale/η: the added term is
+    constant where W's singular values are all 1, and for α above the curvature of L
+    it makes the objective convex, where each power step cannot decrease it.  A fixed
+    point of the plain map (W_prev = the factors of C) is one of the damped map.
+
+    ``C`` is a tensor or an operator with ``shape``, ``matmul`` and ``rmatmul``.
+    """
+    if not 0 < eta <= 1:
+        raise ValueError(f"damping must be in (0, 1], got {eta!r}")
+    beta = (1.0 - eta) * float(scale)
+    if hasattr(C, "matmul") and hasattr(C, "rmatmul") and not isinstance(C, torch.Tensor):
+        return _Mixed(C, W_prev, eta, beta)
+    C = torch.as_tensor(C).to(torch.float64)
+    return eta * C + beta * W_prev.to(device=C.device, dtype=torch.float64)
+
+
 def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factorization: str = "orthonormal",
-                     svd: str = "exact", oversampling: int = 10, n_power_iter: int = 2, seed: int = 0):
+                     svd: str = "exact", oversampling: int = 10, n_power_iter: int = 2, seed: int = 0,
+                     return_singular_values: bool = False):
     """Factors (F1, F2) of the maximiser of tr(Wᵀ C) − (ρ/2)‖W‖² over rank(W) ≤ r.
 
     Parameters
@@ -78,10 +119,14 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         LAPACK SVD of the explicit C, or :func:`unicon_dist.randomized.randomized_svd`
         with ``oversampling``, ``n_power_iter`` and ``seed``.
 
+    return_singular_values : bool
+        Also return the top-r singular values of C (+ ridge).
+
     Returns
     -------
     F1 : (r, m_x), F2 : (r, m_y)
         ndarrays for ndarray input, float64 tensors otherwise.
+    s : (r,), only with ``return_singular_values``
     """
     from .randomized import randomized_svd
 
@@ -123,8 +168,8 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
     else:
         F1, F2 = U.T.contiguous(), Vh.contiguous()
     if was_numpy:
-        return F1.cpu().numpy(), F2.cpu().numpy()
-    return F1, F2
+        F1, F2, s = F1.cpu().numpy(), F2.cpu().numpy(), s.cpu().numpy()
+    return (F1, F2, s) if return_singular_values else (F1, F2)
 
 
 def tangent_projection(W, Z, rank: int):

@@ -13,10 +13,11 @@ import torch
 
 from . import __version__
 from . import checkpoint as _ckpt
-from .closed_form import FACTORIZATIONS, closed_form_step, truncated_svd
+from .closed_form import FACTORIZATIONS, closed_form_step, damped_target
 from .kernels import Kernel, Linear, get_kernel, kernel_from_params, median_sample
 from .losses import get_loss, loss_from_params
 from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
+from .whitening import FeatureWhitening, Moments
 from .persistence import atomic_save_npz, load_npz
 from .progress import LogProgress
 from .rows import StoreRows, embed, features, inverse_norms
@@ -33,6 +34,8 @@ SVD_SOLVERS = ("auto", "exact", "randomized")
 # svd="auto" uses LAPACK on the explicit C up to this many features on the smaller side
 _EXACT_SVD_MAX = 1024
 _DEFAULT_LANDMARKS = 1000
+# rows per block of the moment pass of centring/whitening
+_MOMENT_ROWS = 16384
 _FORMAT = "unicon_dist.model/1"
 
 
@@ -63,6 +66,14 @@ class UniCon:
         How landmarks are drawn (seeded by ``seed``).
     eig_floor : float
         Relative eigenvalue floor of K_LL in the Nyström map.
+    center : bool
+        Subtract each view's feature mean over the training rows (after the Nyström map,
+        if any) before everything else.
+    whiten : float or None
+        Ridge λ > 0 to whiten each view's features: φ̃ = (φ − μ)(Σ + λ·(tr Σ/m)·I)^{−1/2}
+        (see :mod:`unicon_dist.whitening`; the first step is then regularised CCA), or
+        None.  The mean is that of ``center``: whitening without centring uses the raw
+        second moment.
     loss : str or ContrastiveLoss
         "clip" (InfoNCE), "triplet", "sigmoid", or a loss object.
     temperature : float
@@ -89,11 +100,21 @@ class UniCon:
     max_iter : int
         Maximum number of closed-form steps.
     tol : float
-        Stop when ‖W_k − W_{k−1}‖_F / ‖W_k‖_F < tol.
+        Stop when ‖W_k − W_{k−1}‖_F / ‖W_k‖_F < tol (a fixed point: ``converged_``).
+    loss_tol : float
+        Also stop when the loss (cosine; the objective L + R for "dot") decreased by
+        less than ``loss_tol`` times its value in the last step (``stop_reason_`` "loss
+        plateau"; 0 never stops there).  With cosine similarity the fixed point of the
+        linearised map is not exactly the minimum of L, and the damped iteration
+        approaches it slowly after passing the loss minimum.
     damping : float
-        η in (0, 1]: W_k = [(1 − η)W_{k−1} + η W*_k]_r with W*_k the closed-form step.
-        1 (default) is the plain fixed point; η < 1 has the same fixed points and breaks
-        the 2-cycles the plain map can fall into (small τ, cosine similarity).
+        η in (0, 1]: each step factors M_k = η C_k + (1 − η) a W_{k−1} instead of C_k.
+        With cosine similarity (or the orthonormal factorization) a puts W_{k−1} on the
+        scale of C_k's top-r singular values, so that only directions are averaged; with
+        "dot" and "sqrt", a = ρ: a projected gradient step of length η/ρ on L + R (see
+        :func:`unicon_dist.closed_form.damped_target`).  1 is the plain fixed point;
+        η < 1 has the same fixed points and stops the 2-cycles the plain map falls into
+        at small τ with cosine similarity.
     svd : {"auto", "exact", "randomized"}
         Solver of the rank-r step.  "auto": LAPACK when the smaller feature side has at
         most 1024 features, else the randomized SVD (Halko et al., 2011), run on the
@@ -130,14 +151,17 @@ class UniCon:
     converged_ : bool
     best_iteration_ : int
         The iterate kept: the fixed point when the iteration converged, else the
-        iterate with the lowest objective.
+        iterate with the lowest loss (cosine similarity; L + R for "dot").
+    stop_reason_ : {"converged", "loss plateau", "max_iter"}
     n_inputs_x_, n_inputs_y_ : int
         Input dimensions of the two views.
     n_features_x_, n_features_y_ : int
         Feature dimensions m_x, m_y (inputs for the linear kernel, the Nyström map's
         effective rank otherwise).
-    map_x_, map_y_ : NystroemMap or None
-        The feature maps (None for exact linear features).
+    map_x_, map_y_ : NystroemMap, FeatureWhitening or None
+        The feature maps (None for exact linear features); with ``center`` or
+        ``whiten`` a :class:`~unicon_dist.whitening.FeatureWhitening` whose ``base`` is
+        the Nyström map or None.
     svd_solver_ : str
         "exact" or "randomized", as chosen for the rank-r step.
 
@@ -157,6 +181,8 @@ class UniCon:
         n_landmarks=None,
         landmarks: str = "uniform",
         eig_floor: float = 1e-10,
+        center: bool = False,
+        whiten=None,
         loss="clip",
         temperature: float = 0.07,
         nu: float = 1.0,
@@ -168,6 +194,7 @@ class UniCon:
         ridge: float = 0.0,
         max_iter: int = 10,
         tol: float = 1e-4,
+        loss_tol: float = 0.0,
         damping: float = 1.0,
         svd: str = "auto",
         svd_oversampling: int = 10,
@@ -185,6 +212,8 @@ class UniCon:
         self.n_landmarks = n_landmarks
         self.landmarks = landmarks
         self.eig_floor = eig_floor
+        self.center = center
+        self.whiten = whiten
         self.loss = loss
         self.temperature = temperature
         self.nu = nu
@@ -196,6 +225,7 @@ class UniCon:
         self.ridge = ridge
         self.max_iter = max_iter
         self.tol = tol
+        self.loss_tol = loss_tol
         self.damping = damping
         self.svd = svd
         self.svd_oversampling = svd_oversampling
@@ -241,6 +271,13 @@ class UniCon:
             raise ValueError(f"landmarks must be one of {LANDMARK_METHODS}, got {self.landmarks!r}")
         if not (isinstance(self.eig_floor, (int, float)) and 0 <= self.eig_floor < 1):
             raise ValueError(f"eig_floor must be in [0, 1), got {self.eig_floor!r}")
+        if not isinstance(self.center, (bool, np.bool_)):
+            raise ValueError(f"center must be True or False, got {self.center!r}")
+        if self.whiten is not None and (
+            isinstance(self.whiten, bool) or not isinstance(self.whiten, (int, float))
+            or not math.isfinite(self.whiten) or self.whiten <= 0
+        ):
+            raise ValueError(f"whiten must be None or a ridge > 0 (relative to the mean eigenvalue), got {self.whiten!r}")
         for name in ("svd_oversampling", "svd_power_iter"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
@@ -259,6 +296,9 @@ class UniCon:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
             raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if not (isinstance(self.loss_tol, (int, float)) and not isinstance(self.loss_tol, bool)
+                and math.isfinite(self.loss_tol) and self.loss_tol >= 0):
+            raise ValueError(f"loss_tol must be a number >= 0, got {self.loss_tol!r}")
         if isinstance(self.damping, bool) or not (isinstance(self.damping, (int, float)) and 0 < self.damping <= 1):
             raise ValueError(f"damping must be a number in (0, 1], got {self.damping!r}")
         if self.svd not in SVD_SOLVERS:
@@ -339,9 +379,8 @@ class UniCon:
         if n < 2:
             raise ValueError(f"need at least 2 pairs to contrast, got {n}")
         with self._checkpointing(checkpoint, resume, loss_fn, lambda: _ckpt.array_fingerprint(X, Y, groups), device):
-            self.map_x_, self.map_y_ = (
-                self._fit_map(A, k, name) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y"))
-            )
+            bases = [self._fit_map(A, k, name) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y"))]
+            self.map_x_, self.map_y_ = self._preprocess(bases, lambda rows: (X[rows], Y[rows]), n, _MOMENT_ROWS)
             phi_x, phi_y = self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype)
             self._start(loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
             self.data_ = {"source": "arrays", "n_rows": int(n), "dim_x": int(X.shape[1]), "dim_y": int(Y.shape[1])}
@@ -363,14 +402,16 @@ class UniCon:
             appends (same creation time and schema, at least as many rows, the covered
             rows unchanged); anything else raises ValueError naming what differs.
         mode : {"exact", "fast"}
-            "exact": the fixed point over all rows.  "fast": one SVD of
+            "exact": the fixed point over all rows.  "fast": one step (damped like
+            the iteration's, from this model's W) on
             C ≈ (n_old·C_old + n_new·C_new)/n, where C_old is the C this model's step was
             solved from and C_new = Φ_newᵀ S(γ) Φ_new is formed over the new rows only, at
             this model's encoders.  The approximation: the old rows' block keeps its
             weights from the previous encoders, and old and new rows are not negatives of
             each other (S is block-diagonal between the two sets, as with batched
             negatives).  It costs one pass over the new rows instead of fixed-point passes
-            over all of them.  Needs a model that kept its C (an explicit-SVD fit).
+            over all of them.  Needs a model that kept its C (an explicit-SVD fit) and
+            stopped at its fixed point or at a loss plateau.
         warm_start : bool
             Exact mode: start from this model's encoders (default) or from s = 0.
         executor : LocalExecutor or RayExecutor, optional
@@ -392,7 +433,8 @@ class UniCon:
         params["loss"] = self.loss_fn_
         new = type(self)(**params)
         loss_fn, kernels, device, dtype = new._validate_params()
-        new._parent = {"lineage": list(getattr(self, "lineage_", []) or [{"version": 1}]), "n_rows": data["n_rows"]}
+        new._parent = {"lineage": list(getattr(self, "lineage_", []) or [{"version": 1}]), "n_rows": data["n_rows"],
+                       "sigma_mean": (self.history_[-1].get("sigma_mean") if self.history_ else None)}
         if mode == "fast":
             return new._fast_update(self, store, loss_fn, device, dtype)
         if mode != "exact":
@@ -403,8 +445,9 @@ class UniCon:
 
     def _fast_update(self, parent, store, loss_fn, device, dtype) -> "UniCon":
         """Fold the appended rows into the parent's C at its encoders; one SVD (see refit)."""
-        if not parent.converged_:
-            raise ValueError("mode='fast' needs a model at its fixed point (converged_ is False: its C does not "
+        if not (parent.converged_ or getattr(parent, "stop_reason_", None) == "loss plateau"):
+            raise ValueError("mode='fast' needs a model that stopped at its fixed point or at a loss plateau "
+                             f"(this one: {getattr(parent, 'stop_reason_', None) or 'not converged'}; its C does not "
                              "belong to its encoders); use mode='exact', or damping < 1 to reach convergence")
         if getattr(parent, "C_", None) is None:
             raise ValueError("mode='fast' needs the C the model was solved from; this model has none (fitted with "
@@ -429,9 +472,10 @@ class UniCon:
             C += op.materialize() * (n - n_old)
             loss_new = op.loss
         C /= n
-        F1, F2 = closed_form_step(C, int(self.rank), self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
-                                  oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter),
-                                  seed=self.seed)
+        # the same (damped) step the parent's iteration takes, from the parent's W
+        self.svd_solver_, self._matrix_free = parent.svd_solver_, False
+        F1, F2, _ = self._step(C, torch.as_tensor(parent.W_, dtype=torch.float64, device=device),
+                               self.damping < 1, None)
         self.F1_, self.F2_ = F1.cpu().numpy(), F2.cpu().numpy()
         self.W_ = self.F1_.T @ self.F2_
         self.C_ = C.cpu().numpy()
@@ -439,6 +483,7 @@ class UniCon:
         # the loss over all rows would need the passes this mode avoids: only the new rows'
         self.history_ = [{"iteration": 1, "loss_new_rows": loss_new, "seconds": seconds, "mode": "fast"}]
         self.n_iter_, self.best_iteration_, self.converged_ = 1, 1, False
+        self.stop_reason_ = "fast update"
         self.loss_ = self.initial_loss_ = float("nan")
         self.data_ = store_provenance(store, n)
         parent_info = self.__dict__.pop("_parent")
@@ -471,19 +516,29 @@ class UniCon:
             return torch.as_tensor(x if side == "x" else y, device=driver)
 
         if maps is None:
-            maps = []
-            for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y)):
-                maps.append(self._fit_map_rows(lambda rows, s=side: read(rows, s), n, dim, kernel, side.upper()))
-        self.map_x_, self.map_y_ = maps
-        self.data_ = store_provenance(store, n)
-        mx = store.dim_x if self.map_x_ is None else self.map_x_.n_features
-        my = store.dim_y if self.map_y_ is None else self.map_y_.n_features
-        self._start(loss_fn, store.dim_x, store.dim_y, mx, my)
+            maps = [
+                self._fit_map_rows(lambda rows, s=side: read(rows, s), n, dim, kernel, side.upper())
+                for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y))
+            ]
+            preprocess = True
+        else:
+            preprocess = False  # a refit keeps its parent's maps, whitening included
+        mx = store.dim_x if maps[0] is None else maps[0].n_features
+        my = store.dim_y if maps[1] is None else maps[1].n_features
         itemsize = torch.finfo(dtype).bits // 8
         self.plan_ = executor.plan(
             n, dim_x=store.dim_x, dim_y=store.dim_y, features_x=mx, features_y=my, rank=int(self.rank),
             itemsize=itemsize, store_itemsize=np.dtype(store.dtype).itemsize, memory_budget=self.memory_budget,
         )
+        if preprocess:
+            def read_pair(rows):
+                x, y, _ = store.read(rows)
+                return torch.as_tensor(x, device=driver), torch.as_tensor(y, device=driver)
+
+            maps = self._preprocess(maps, read_pair, n, self.plan_.panel_rows)
+        self.map_x_, self.map_y_ = maps
+        self.data_ = store_provenance(store, n)
+        self._start(loss_fn, store.dim_x, store.dim_y, mx, my)
         if self.verbose:
             logger.info("fit from %s: %d pairs in panels of %d rows (%s)", store.path, n, self.plan_.panel_rows,
                         executor)
@@ -539,21 +594,21 @@ class UniCon:
                 op = make_operator(F1, F2)
             self.initial_loss_ = op.loss
         best_C = None
+        # mean top-r singular value of the last step's SVD (the orthonormal damping's scale)
+        sigma_prev = self.history_[-1].get("sigma_mean") if self.history_ else None
+        if sigma_prev is None and init is not None:
+            sigma_prev = self.__dict__.get("_parent", {}).get("sigma_mean")
         stop = start if finished else int(self.max_iter) + 1
         for it in range(start, stop):
             t0 = time.perf_counter()
             before = op.phase_seconds()
             C = op if self._matrix_free else op.materialize()
             t_svd = time.perf_counter()
-            F1, F2 = closed_form_step(
-                C, int(self.rank), self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
-                oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter), seed=self.seed,
-            )
+            F1, F2, sigma_prev = self._step(C, W_prev, self.damping < 1 and (it > 1 or init is not None),
+                                            sigma_prev, scale_known=it > 2 or init is not None)
             # contiguous, like the arrays a resumed fit reads back, so that both multiply
             # the same memory layouts (BLAS results can depend on them)
             F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
-            if self.damping < 1 and it > 1:
-                F1, F2 = _damped(W_prev, F1.T @ F2, float(self.damping), int(self.rank))
             W = F1.T @ F2
             delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
             t_svd = time.perf_counter() - t_svd
@@ -563,40 +618,54 @@ class UniCon:
             op = make_operator(F1, F2)
             phases = _phases(before, after, op.phase_seconds(), t_svd, self._matrix_free)
             objective = op.loss + 0.5 * self.rho * float(torch.linalg.norm(W) ** 2)
+            # with cosine similarity L does not see the scale of W, which R alone sets: iterates
+            # are compared by L; with "dot" by the objective L + R
+            criterion = op.loss if self.similarity == "cosine" else objective
             seconds = time.perf_counter() - t0
             self.history_.append(
                 {"iteration": it, "loss": op.loss, "objective": objective, "delta_w": delta, "seconds": seconds,
-                 "phases": phases}
+                 "phases": phases, "sigma_mean": sigma_prev}
             )
             if self.verbose:
                 logger.info("iteration %d: loss %.6g, delta_w %.3e, %.2fs (%s)", it, op.loss, delta, seconds,
                             ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
             W_prev = W
             self.converged_ = delta < self.tol
+            previous = self.history_[-2]["criterion"] if len(self.history_) > 1 else None
+            self.history_[-1]["criterion"] = criterion
+            plateau = (not self.converged_ and previous is not None and self.loss_tol > 0
+                       and previous - criterion < self.loss_tol * abs(criterion))
+            self.stop_reason_ = ("converged" if self.converged_ else "loss plateau" if plateau
+                                 else "max_iter" if it == int(self.max_iter) else None)
             # a converged fit keeps its fixed point (a stationary point of L + R), even when an
             # earlier iterate on the way had a slightly lower objective
-            if best is None or objective < best[0] or self.converged_:
-                best = (objective, it, F1, F2, W)
+            if best is None or criterion < best[0] or self.converged_:
+                best = (criterion, it, F1, F2, W)
                 best_C = None if self._matrix_free else C  # what a fast update folds new rows into
             if run is not None:
-                run.write(self, it, F1, F2, W, best, finished=self.converged_ or it == int(self.max_iter))
-            if self.converged_:
+                run.write(self, it, F1, F2, W, best, finished=self.stop_reason_ is not None)
+            if self.stop_reason_ is not None:
                 break
         if op is not None:
             op.release()
         self.n_iter_ = len(self.history_)
         # The fixed-point map need not contract (small τ with cosine similarity can
         # oscillate), so without convergence the encoders kept are those of the iterate
-        # with the lowest L + R; with convergence, the fixed point.
+        # with the lowest L (cosine) or L + R (dot); with convergence, the fixed point.
         _, self.best_iteration_, F1, F2, W = best
         # C of the kept step (None when it was never formed, or after a resumed fit that
         # did not recompute it)
         self.C_ = None if best_C is None else best_C.cpu().numpy()
         self.loss_ = self.history_[self.best_iteration_ - 1]["loss"]
-        if not self.converged_:
+        if self.stop_reason_ == "loss plateau":
+            logger.info("UniCon stopped after %d iterations: the loss decreased by less than loss_tol=%.3g "
+                        "(delta_w %.3g); keeping iteration %d, the lowest loss", self.n_iter_, self.loss_tol, delta,
+                        self.best_iteration_)
+        elif not self.converged_:
             logger.warning(
                 "UniCon did not converge in %d iterations (last delta_w %.3g > tol %.3g); keeping iteration %d, "
-                "the lowest objective", self.n_iter_, delta, self.tol, self.best_iteration_,
+                "the lowest %s", self.n_iter_, delta, self.tol, self.best_iteration_,
+                "loss" if self.similarity == "cosine" else "objective",
             )
         parent = self.__dict__.pop("_parent", None)  # set by refit
         self.lineage_ = (parent["lineage"] if parent else []) + [{
@@ -613,6 +682,44 @@ class UniCon:
         self.F2_ = F2.cpu().numpy()
         self.W_ = W.cpu().numpy()
         return self
+
+    def _step(self, C, W_prev, damped: bool, sigma_prev, scale_known: bool = True):
+        """One closed-form step: the factors of [C]_r/ρ, or of the damped target M (see ``damping``).
+
+        Returns (F1, F2, mean of the top-r singular values of the matrix factored).
+        """
+        rank = int(self.rank)
+        if damped and self.factorization == "sqrt" and self.similarity == "dot":
+            scale = float(self.rho)  # the proximal gradient step on L + R
+        elif damped:
+            # W_prev is put on C's scale (top-r mean singular values): with cosine similarity
+            # L does not depend on the scale of W, and with the orthonormal factorization
+            # neither do the factors, so only directions are averaged.  A matrix-free C's
+            # scale comes from the previous step's SVD; it settles at C's own as the
+            # iteration converges (it only sets the step length).  The s = 0 step's C is on
+            # another scale, so the step after it is then plain (``scale_known`` False).
+            if not self._matrix_free:
+                c_scale = float(torch.linalg.svdvals(C.to(torch.float64))[:rank].mean())
+            else:
+                c_scale = sigma_prev if scale_known else None
+            w_scale = float(torch.linalg.svdvals(W_prev.to(torch.float64))[:rank].mean())
+            damped = c_scale is not None and w_scale > 0
+            scale = c_scale / w_scale if damped else None
+        target = damped_target(C, W_prev, float(self.damping), scale) if damped else C
+        F1, F2, sig = closed_form_step(
+            target, rank, self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
+            oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter), seed=self.seed,
+            return_singular_values=True,
+        )
+        sigma = float(sig.mean())
+        if damped and self.factorization == "sqrt" and self.similarity == "cosine":
+            # L is blind to the scale of W here, and C scales as 1/scale(W): the plain map
+            # flips the scale (c -> σ̄(C)/ρ ∝ 1/c) every step.  Its fixed-point scale given
+            # the new directions is c² = σ̄(C_k)·scale(W_{k−1})/ρ; it is set directly.
+            target_scale = math.sqrt(c_scale * w_scale / float(self.rho))
+            gain = math.sqrt(target_scale / (sigma / float(self.rho)))
+            F1, F2 = F1 * gain, F2 * gain
+        return F1, F2, sigma
 
     # ---------------------------------------------------------- checkpoints
     @contextlib.contextmanager
@@ -681,13 +788,14 @@ class UniCon:
 
         k = int(h["iteration"])
         F1, F2, W = tensor("F1"), tensor("F2"), tensor("W")
-        objective, best_it = float(h["best"]["objective"]), int(h["best"]["iteration"])
+        objective, best_it = float(h["best"]["criterion"]), int(h["best"]["iteration"])
         if best_it == k:
             best = (objective, k, F1, F2, W)
         else:
             best = (objective, best_it, tensor("best_F1"), tensor("best_F2"), tensor("best_W"))
         self.history_ = [dict(entry) for entry in h["history"]]
         self.converged_ = bool(h["converged"])
+        self.stop_reason_ = h.get("stop_reason")
         self.initial_loss_ = float(h["initial_loss"])
         return k, bool(h["finished"]), F1, F2, W, best
 
@@ -720,6 +828,35 @@ class UniCon:
         sample = median_sample(n, self.seed)
         kernel = kernel.resolve(read(np.arange(n) if sample is None else sample), seed=self.seed)
         return NystroemMap.from_landmarks(kernel, read(uniform_landmarks(n, m, self.seed)), self.eig_floor, name)
+
+    def _preprocess(self, bases, read_pair, n: int, block: int):
+        """The maps ``bases`` (x, y) wrapped in the centring/whitening stage the options ask for.
+
+        The moments of both views are accumulated in one read of the rows, in blocks of
+        ``block`` rows in row order (``read_pair(slice) -> (x, y)``), before the fixed
+        point starts.  Without ``center`` and ``whiten`` the bases are returned as they are.
+        """
+        if not self.center and self.whiten is None:
+            return list(bases)
+        restored = [self._restored_map(name) for name in ("X", "Y")]
+        if restored[0][0]:
+            return [fmap for _, fmap in restored]
+        moments = [None, None]
+        for start in range(0, n, max(1, int(block))):
+            blocks = read_pair(slice(start, min(n, start + int(block))))
+            for k, (A, base) in enumerate(zip(blocks, bases)):
+                F = features(A, base, torch.float64)
+                moments[k] = Moments(F.shape[1]) if moments[k] is None else moments[k]
+                moments[k].add(F)
+        ridge = None if self.whiten is None else float(self.whiten)
+        stages = [FeatureWhitening.from_moments(base, mom, bool(self.center), ridge, name)
+                  for base, mom, name in zip(bases, moments, ("X", "Y"))]
+        for stage, name in zip(stages, ("X", "Y")):
+            if self.verbose and stage.spectrum:
+                logger.info("whitening of %s: covariance eigenvalues in [%.3g, %.3g], regularised condition %.3g",
+                            name, stage.spectrum["smallest"], stage.spectrum["largest"],
+                            stage.spectrum["condition_regularised"])
+        return stages
 
     _features = staticmethod(features)
 
@@ -809,6 +946,7 @@ class UniCon:
             "history": self.history_,
             "n_iter": self.n_iter_,
             "converged": self.converged_,
+            "stop_reason": getattr(self, "stop_reason_", None),
             "loss": self.loss_,
             "initial_loss": self.initial_loss_,
             "best_iteration": self.best_iteration_,
@@ -830,10 +968,19 @@ class UniCon:
         """The fitted feature maps as (JSON header part, arrays); inverse of :meth:`_maps_from_state`."""
         maps, arrays = {}, {}
         for side, fmap in (("x", self.map_x_), ("y", self.map_y_)):
+            if fmap is None:
+                continue
+            spec = {}
+            if isinstance(fmap, FeatureWhitening):
+                stage, stage_arrays = fmap.state()
+                spec["whitening"] = stage
+                arrays.update({f"whitening_{k}_{side}": v for k, v in stage_arrays.items()})
+                fmap = fmap.base
             if fmap is not None:
-                maps[side] = {"kernel": fmap.kernel.params(), "eig_floor": fmap.eig_floor}
+                spec.update(kernel=fmap.kernel.params(), eig_floor=fmap.eig_floor)
                 arrays[f"landmarks_{side}"] = fmap.landmarks.cpu().numpy()
                 arrays[f"normalization_{side}"] = fmap.normalization.cpu().numpy()
+            maps[side] = spec
         return maps, arrays
 
     @staticmethod
@@ -842,12 +989,20 @@ class UniCon:
         out = {}
         for side in ("x", "y"):
             spec = maps.get(side)
-            out[side] = None if spec is None else NystroemMap(
+            if spec is None:
+                out[side] = None
+                continue
+            base = None if "kernel" not in spec else NystroemMap(
                 kernel_from_params(spec["kernel"]),
                 torch.as_tensor(arrays[f"landmarks_{side}"], device=device),
                 torch.as_tensor(arrays[f"normalization_{side}"], device=device),
                 float(spec["eig_floor"]),
             )
+            if "whitening" in spec:
+                stage_arrays = {k: arrays[f"whitening_{k}_{side}"] for k in ("mean", "matrix")
+                                if f"whitening_{k}_{side}" in arrays}
+                base = FeatureWhitening.from_state(base, spec["whitening"], stage_arrays, device)
+            out[side] = base
         return out
 
     @classmethod
@@ -876,6 +1031,7 @@ class UniCon:
         model.history_ = header["history"]
         model.n_iter_ = int(header["n_iter"])
         model.converged_ = bool(header["converged"])
+        model.stop_reason_ = header.get("stop_reason")
         model.loss_ = float(header["loss"])
         model.initial_loss_ = float(header["initial_loss"])
         model.best_iteration_ = int(header["best_iteration"])
@@ -923,7 +1079,8 @@ class _CheckpointRun:
             "converged": bool(model.converged_),
             "history": model.history_,
             "initial_loss": model.initial_loss_,
-            "best": {"objective": objective, "iteration": best_it},
+            "best": {"criterion": objective, "iteration": best_it},
+            "stop_reason": getattr(model, "stop_reason_", None),
             "svd_solver": model.svd_solver_,
             "n_features": [model.n_features_x_, model.n_features_y_],
             "n_inputs": [model.n_inputs_x_, model.n_inputs_y_],
@@ -970,19 +1127,6 @@ class _Shifted:
         if isinstance(rows, slice):
             return self.loader(slice(rows.start + self.offset, rows.stop + self.offset))
         return self.loader(np.asarray(rows) + self.offset)
-
-
-def _damped(W_prev: torch.Tensor, W_new: torch.Tensor, eta: float, rank: int):
-    """Encoders of W = [(1 − η)W_prev + η W_new]_r, split as F1 = S^{1/2}Uᵀ, F2 = S^{1/2}Vᵀ.
-
-    Damping keeps the fixed points (at W_new = W_prev it returns W_prev) but not the
-    path: the undamped map can settle into a 2-cycle W_k = W_{k−2} ≠ W_{k−1}, which an
-    average with the previous iterate breaks (Krasnosel'skii–Mann iteration).  At a fixed
-    point of the orthonormal factorization S = 1, so the split is F1 = Uᵀ, F2 = Vᵀ there.
-    """
-    U, S, Vh = truncated_svd((1.0 - eta) * W_prev + eta * W_new.to(W_prev.dtype), rank)
-    root = torch.sqrt(S)[:, None]
-    return (root * U.T).to(W_new.dtype).contiguous(), (root * Vh).to(W_new.dtype).contiguous()
 
 
 def _phases(before: dict, after: dict, built: dict, svd_seconds: float, matrix_free: bool) -> dict:
