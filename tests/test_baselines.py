@@ -333,7 +333,7 @@ def test_one_batch_equals_unicon(factorization):
     val = two_view(50, seed=13)
     opts = dict(UNICON, factorization=factorization)
     bav = BatchAveragedUniCon(rank=3, batch_size=300, validation=val, seed=4, **opts).fit(X, Y)
-    ref = ud.UniCon(rank=3, seed=4, **opts).fit(X, Y)
+    ref = ud.UniCon(rank=3, seed=4, center=False, whiten=None, **opts).fit(X, Y)
     assert bav.n_batches_ == 1 and bav.weights_.tolist() == [1.0]
     np.testing.assert_array_equal(bav.batch_rows_[0], np.arange(300))
     for A, enc, ref_enc in ((X, bav.encode_x, ref.encode_x), (Y, bav.encode_y, ref.encode_y)):
@@ -345,7 +345,7 @@ def test_one_batch_equals_unicon(factorization):
 def _refit_batch_maps(model, X, Y, **opts):
     maps = []
     for rows in model.batch_rows_:
-        m = ud.UniCon(rank=model.rank, seed=model.seed, **opts).fit(X[rows], Y[rows])
+        m = ud.UniCon(rank=model.rank, seed=model.seed, center=False, whiten=None, **opts).fit(X[rows], Y[rows])
         maps.append((m, m.F1_.T @ m.F2_))
     return maps
 
@@ -386,7 +386,7 @@ def test_batch_weights_and_average(monkeypatch):
         np.testing.assert_allclose(z, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-12)
     # every score 0: uniform weights, and the fit says so
     monkeypatch.setattr(batch_average, "retrieval_score", lambda zx, zy: 0.0)
-    zero = BatchAveragedUniCon(rank=rank, batch_size=120, validation=0.25, seed=5, **UNICON).fit(X, Y)
+    zero = BatchAveragedUniCon(rank=rank, batch_size=120, validation=0.25, seed=5, factorization="orthonormal", **UNICON).fit(X, Y)
     assert zero.weighting_.startswith("uniform") and zero.weights_.tolist() == pytest.approx([1 / 3] * 3)
     np.testing.assert_allclose(zero.W_mean_, fits["uniform", "orthonormal"].W_mean_, atol=1e-12)
 
@@ -411,7 +411,7 @@ def test_batch_scores_and_determinism():
     other = BatchAveragedUniCon(**{**opts, "seed": 7}).fit(X, Y)
     assert not np.array_equal(other.batch_rows_[0], model.batch_rows_[0])
     # averaging per-batch maximisers is not the global solve
-    glob = ud.UniCon(rank=3, seed=6, **UNICON).fit(X, Y)
+    glob = ud.UniCon(rank=3, seed=6, center=False, whiten=None, **UNICON).fit(X, Y)
     assert np.linalg.norm(glob.W_ - model.W_) > 1e-3
 
 

@@ -20,17 +20,20 @@ from unicon_dist.checkpoint import FORMAT, array_digest, load_checkpoint, read_c
 from unicon_dist.cli import main
 from unicon_dist.whitening import FeatureWhitening, Moments
 
+from _options import PAPER
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Oscillates (tol 0 never stops it): the kept iterate is an early one, not the last, so
 # the checkpoint's separate best iterate is exercised.
-OSCILLATING = dict(rank=3, temperature=0.1, max_iter=6, tol=0.0)
+OSCILLATING = dict(PAPER, rank=3, temperature=0.1, max_iter=6, tol=0.0)
 # Converges in a few steps: the best iterate is the last, and resuming ends converged.
-CONVERGING = dict(rank=3, temperature=2.0, max_iter=30, tol=1e-3)
+CONVERGING = dict(PAPER, rank=3, temperature=2.0, max_iter=30, tol=1e-3)
 # Nyström maps on both views (resolved RBF bandwidth, landmarks) and a randomized SVD.
-NYSTROEM = dict(rank=3, kernel="rbf", n_landmarks=30, svd="randomized", temperature=0.2, max_iter=5, tol=0.0)
+NYSTROEM = dict(PAPER, rank=3, kernel="rbf", n_landmarks=30, svd="randomized", temperature=0.2, max_iter=5, tol=0.0)
 # Centred, whitened features and damped (shifted) orthonormal steps.
-WHITENED = dict(rank=3, center=True, whiten=1e-2, damping=0.5, temperature=0.2, max_iter=5, tol=0.0)
+# (the library's defaults otherwise)
+WHITENED = dict(rank=3, whiten=1e-2, temperature=0.2, max_iter=5, tol=0.0, loss_tol=0.0)
 
 
 def make_data(n=150, seed=0):

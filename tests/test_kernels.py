@@ -10,6 +10,8 @@ from scipy.spatial.distance import cdist, pdist
 import unicon_dist as ud
 from unicon_dist import kernels as K
 
+from _options import paper_unicon
+
 ALL_KERNELS = ["linear", "rbf", "laplacian", "polynomial", "cosine", "angular", "arccos0", "arccos1"]
 
 
@@ -219,7 +221,7 @@ def _two_view(n, seed):
 @pytest.mark.parametrize("kernel", [K.Laplacian(bandwidth=3.0), "arccos0", "polynomial"])
 def test_model_kernel_roundtrip(kernel, tmp_path):
     X, Y = _two_view(70, 13)
-    model = ud.UniCon(rank=3, kernel=kernel, n_landmarks=30, max_iter=1, dtype="float64").fit(X, Y)
+    model = paper_unicon(rank=3, kernel=kernel, n_landmarks=30, max_iter=1, dtype="float64").fit(X, Y)
     path = model.save(tmp_path / "m.npz")
     loaded = ud.UniCon.load(path)
     if isinstance(kernel, str):

@@ -9,6 +9,7 @@ import torch
 
 import unicon_dist as ud
 
+from _options import paper_unicon
 from _refs import batches, rel_err, svd_truncate, tangent_projection, uneven_groups
 
 
@@ -37,7 +38,7 @@ def _W(model):
 def test_first_step_is_centred_cross_covariance_svd(rank, rho):
     n = 200
     X, Y = two_view(n, seed=1)
-    model = ud.UniCon(rank=rank, loss="clip", nu=1.0, similarity="dot", factorization="sqrt",
+    model = paper_unicon(rank=rank, loss="clip", nu=1.0, similarity="dot", factorization="sqrt",
                       rho=rho, max_iter=1, dtype="float64")
     assert model.fit(X, Y) is model
     H = np.eye(n) - np.ones((n, n)) / n
@@ -58,7 +59,7 @@ def test_first_step_with_groups_and_batches(negatives):
     groups = uneven_groups([1, 2, 3, 4] * 18, rng=np.random.default_rng(3), shuffle=True)
     assert len(groups) == n
     rank, rho, seed = 2, 1.5, 7
-    model = ud.UniCon(rank=rank, similarity="dot", factorization="sqrt", rho=rho, max_iter=1,
+    model = paper_unicon(rank=rank, similarity="dot", factorization="sqrt", rho=rho, max_iter=1,
                       negatives=negatives, seed=seed, dtype="float64").fit(X, Y, groups=groups)
     if negatives == "full":
         C = X.T @ ud.similarity_weights(np.zeros((n, n)), groups=groups) @ Y
@@ -78,7 +79,7 @@ def converged():
     # ρ large relative to the data scale / τ: the fixed-point map is then a contraction
     n, rank, rho, tau = 150, 2, 20.0, 1.0
     X, Y = two_view(n, d_x=6, d_y=5, seed=4, scale=0.5)
-    model = ud.UniCon(rank=rank, loss="clip", temperature=tau, similarity="dot", factorization="sqrt",
+    model = paper_unicon(rank=rank, loss="clip", temperature=tau, similarity="dot", factorization="sqrt",
                       rho=rho, max_iter=200, tol=1e-10, dtype="float64").fit(X, Y)
     return model, X, Y, rank, rho, tau
 
@@ -138,7 +139,7 @@ def toy():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_history_and_shapes(toy, dtype):
     X, Y, Xt, Yt = toy
-    model = ud.UniCon(rank=4, max_iter=3, tol=0.0, dtype=dtype).fit(X, Y)
+    model = paper_unicon(rank=4, max_iter=3, tol=0.0, dtype=dtype).fit(X, Y)
     assert model.n_iter_ == len(model.history_) == 3
     for i, h in enumerate(model.history_):
         assert {"iteration", "loss", "delta_w", "seconds"} <= set(h)
@@ -158,7 +159,7 @@ def test_history_and_shapes(toy, dtype):
 
 def test_dot_encoders_are_linear_maps(toy):
     X, Y, Xt, Yt = toy
-    model = ud.UniCon(rank=3, similarity="dot", factorization="sqrt", max_iter=2, dtype="float64").fit(X, Y)
+    model = paper_unicon(rank=3, similarity="dot", factorization="sqrt", max_iter=2, dtype="float64").fit(X, Y)
     F1, F2 = np.asarray(model.F1_), np.asarray(model.F2_)
     np.testing.assert_allclose(np.asarray(model.encode_x(Xt)), Xt @ F1.T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(model.encode_y(Yt)), Yt @ F2.T, rtol=1e-10, atol=1e-12)
@@ -168,7 +169,7 @@ def test_dot_encoders_are_linear_maps(toy):
 @pytest.mark.parametrize("max_iter, tau", [(1, 0.07), (4, 0.5)])
 def test_retrieval_beats_random_projection(toy, max_iter, tau):
     X, Y, Xt, Yt = toy
-    model = ud.UniCon(rank=6, max_iter=max_iter, temperature=tau).fit(X, Y)
+    model = paper_unicon(rank=6, max_iter=max_iter, temperature=tau).fit(X, Y)
     fitted = ud.retrieval_metrics(np.asarray(model.encode_x(Xt)), np.asarray(model.encode_y(Yt)), ks=(1, 5))
     rng = np.random.default_rng(0)
     rand = ud.retrieval_metrics(Xt @ rng.standard_normal((20, 6)), Yt @ rng.standard_normal((16, 6)), ks=(1, 5))
@@ -214,7 +215,7 @@ def test_iterates_follow_reference_fixed_point(toy, similarity, factorization, r
     X, Y, _, _ = toy
     X, Y = X[:120], Y[:120]
     iters = 3
-    model = ud.UniCon(rank=3, similarity=similarity, factorization=factorization, rho=rho, temperature=tau,
+    model = paper_unicon(rank=3, similarity=similarity, factorization=factorization, rho=rho, temperature=tau,
                       max_iter=iters, tol=0.0, dtype="float64").fit(X, Y)
     got = [h["loss"] for h in model.history_]
     ref = _reference_iteration(X, Y, 3, rho, tau, iters, similarity == "cosine", factorization == "orthonormal")
@@ -226,14 +227,14 @@ def test_iterates_follow_reference_fixed_point(toy, similarity, factorization, r
 
 def test_fit_is_deterministic(toy):
     X, Y, _, _ = toy
-    a = ud.UniCon(rank=3, max_iter=3, negatives=64, seed=5).fit(X, Y)
-    b = ud.UniCon(rank=3, max_iter=3, negatives=64, seed=5).fit(X, Y)
+    a = paper_unicon(rank=3, max_iter=3, negatives=64, seed=5).fit(X, Y)
+    b = paper_unicon(rank=3, max_iter=3, negatives=64, seed=5).fit(X, Y)
     np.testing.assert_array_equal(np.asarray(a.W_), np.asarray(b.W_))
 
 
 def test_orthonormal_factors(toy):
     X, Y, _, _ = toy
-    model = ud.UniCon(rank=4, max_iter=2, factorization="orthonormal", dtype="float64").fit(X, Y)
+    model = paper_unicon(rank=4, max_iter=2, factorization="orthonormal", dtype="float64").fit(X, Y)
     F1, F2 = np.asarray(model.F1_, dtype=np.float64), np.asarray(model.F2_, dtype=np.float64)
     np.testing.assert_allclose(F1 @ F1.T, np.eye(4), atol=1e-10)
     np.testing.assert_allclose(F2 @ F2.T, np.eye(4), atol=1e-10)
@@ -247,10 +248,10 @@ def test_save_is_one_atomic_file(tmp_path, toy, monkeypatch):
     leaves the previous model readable and no temporary file behind."""
     X, Y, Xt, _ = toy
     path = tmp_path / "model.npz"
-    first = ud.UniCon(rank=2, max_iter=1).fit(X, Y)
+    first = paper_unicon(rank=2, max_iter=1).fit(X, Y)
     first.save(path)
     assert path.is_file()
-    second = ud.UniCon(rank=3, max_iter=1).fit(X, Y)
+    second = paper_unicon(rank=3, max_iter=1).fit(X, Y)
 
     def broken_savez(fh, **arrays):
         fh.write(b"half a model")
@@ -275,7 +276,7 @@ def _written_files(path):
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_save_load_round_trip(tmp_path, toy, similarity):
     X, Y, Xt, Yt = toy
-    model = ud.UniCon(rank=3, max_iter=2, similarity=similarity, loss="sigmoid", temperature=0.2,
+    model = paper_unicon(rank=3, max_iter=2, similarity=similarity, loss="sigmoid", temperature=0.2,
                       negatives=100, ridge=0.1).fit(X[:150], Y[:150])
     path = tmp_path / "model"
     model.save(path)
@@ -310,8 +311,8 @@ def test_save_load_round_trip(tmp_path, toy, similarity):
 def test_save_overwrites_atomically(tmp_path, toy):
     X, Y, Xt, _ = toy
     path = tmp_path / "m"
-    ud.UniCon(rank=2, max_iter=1).fit(X, Y).save(path)
-    m2 = ud.UniCon(rank=4, max_iter=1).fit(X, Y)
+    paper_unicon(rank=2, max_iter=1).fit(X, Y).save(path)
+    m2 = paper_unicon(rank=4, max_iter=1).fit(X, Y)
     m2.save(path)
     loaded = ud.UniCon.load(path)
     assert np.asarray(loaded.encode_x(Xt)).shape == (Xt.shape[0], 4)
@@ -327,7 +328,7 @@ def test_fit_with_groups_and_batches(toy, loss, negatives):
     X, Y, _, _ = toy
     X, Y = X[:200], Y[:200]
     groups = uneven_groups([1, 2, 3, 4] * 20, rng=np.random.default_rng(1), shuffle=True)
-    model = ud.UniCon(rank=3, loss=loss, temperature=0.2, negatives=negatives, max_iter=3).fit(X, Y, groups=groups)
+    model = paper_unicon(rank=3, loss=loss, temperature=0.2, negatives=negatives, max_iter=3).fit(X, Y, groups=groups)
     W = np.asarray(model.W_)
     assert W.shape == (20, 16) and np.all(np.isfinite(W)) and np.abs(W).max() > 0
     assert all(np.isfinite(h["loss"]) for h in model.history_)
@@ -352,9 +353,9 @@ def test_damping_breaks_the_two_cycle_and_keeps_the_fixed_point():
 
     X, Y = _two_cycle_data()
     params = dict(rank=6, temperature=0.5, factorization="sqrt", max_iter=60, tol=1e-6)
-    plain = ud.UniCon(**params).fit(X, Y)
+    plain = paper_unicon(**params).fit(X, Y)
     assert not plain.converged_
-    damped = ud.UniCon(**params, damping=0.5).fit(X, Y)
+    damped = paper_unicon(**params, damping=0.5).fit(X, Y)
     assert damped.converged_
     # one undamped step from the damped fixed point returns it
     phi_x, phi_y = torch.as_tensor(X), torch.as_tensor(Y)
@@ -368,4 +369,19 @@ def test_damping_breaks_the_two_cycle_and_keeps_the_fixed_point():
 def test_damping_is_validated(damping):
     X, Y = _two_cycle_data(n=50)
     with pytest.raises(ValueError, match="damping must be a number in"):
-        ud.UniCon(rank=2, damping=damping).fit(X, Y)
+        paper_unicon(rank=2, damping=damping).fit(X, Y)
+
+
+def test_default_options_descend_and_stop():
+    """The defaults (whitened views, damped sqrt steps, loss-plateau stop) on data where the
+    paper's plain map cycles: the loss falls at every step up to the kept iterate, and the fit
+    stops by itself."""
+    X, Y = _two_cycle_data()
+    plain = paper_unicon(rank=6, temperature=0.5, factorization="sqrt", max_iter=30, tol=1e-6).fit(X, Y)
+    assert not plain.converged_
+    model = ud.UniCon(rank=6).fit(X, Y)
+    assert model.stop_reason_ in ("converged", "loss plateau") and model.n_iter_ < model.max_iter
+    losses = [model.initial_loss_] + [h["loss"] for h in model.history_]
+    kept = model.best_iteration_
+    assert all(b < a for a, b in zip(losses[:kept], losses[1:kept + 1]))
+    assert model.loss_ == min(h["loss"] for h in model.history_)

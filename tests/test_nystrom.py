@@ -11,6 +11,8 @@ import unicon_dist as ud
 from unicon_dist import kernels as K
 from unicon_dist.nystrom import LANDMARK_METHODS, select_landmarks
 
+from _options import paper_unicon
+
 
 def _data(n, d, seed):
     return np.random.default_rng(seed).standard_normal((n, d))
@@ -221,7 +223,7 @@ def _two_view(n, seed, d_x=7, d_y=6):
 
 def test_model_rbf_save_load_encode(tmp_path):
     X, Y = _two_view(120, 0)
-    model = ud.UniCon(rank=4, kernel="rbf", n_landmarks=60, max_iter=2).fit(X, Y)
+    model = paper_unicon(rank=4, kernel="rbf", n_landmarks=60, max_iter=2).fit(X, Y)
     assert model.n_features_x_ == 60 and model.n_features_y_ == 60
     assert model.F1_.shape == (4, 60) and model.F2_.shape == (4, 60)
     # the bandwidth is the median heuristic on the training inputs (120·119/2 pairs: even)
@@ -246,7 +248,7 @@ def test_model_rbf_save_load_encode(tmp_path):
 def test_model_mixed_kernels():
     X, Y = _two_view(100, 2)
     with pytest.warns(RuntimeWarning, match="effective rank 6"):  # linear K_LL of 6-d inputs
-        model = ud.UniCon(rank=3, kernel_x="rbf", kernel_y="linear", n_landmarks=60, max_iter=2).fit(X, Y)
+        model = paper_unicon(rank=3, kernel_x="rbf", kernel_y="linear", n_landmarks=60, max_iter=2).fit(X, Y)
     assert model.map_x_.kernel.name == "rbf" and model.map_y_.kernel.name == "linear"
     assert model.n_features_x_ == 60 and model.n_features_y_ == 6
     # the linear Nyström map spans the row space: ΦΦᵀ = YYᵀ
@@ -254,7 +256,7 @@ def test_model_mixed_kernels():
     np.testing.assert_allclose(phi @ phi.T, Y @ Y.T, rtol=0, atol=1e-9 * np.abs(Y @ Y.T).max())
     assert model.encode_y(Y[:5]).shape == (5, 3)
     # without n_landmarks the linear side keeps the raw inputs and the rbf side takes min(n, 1000)
-    plain = ud.UniCon(rank=3, kernel_x="rbf", kernel_y="linear", max_iter=1).fit(X, Y)
+    plain = paper_unicon(rank=3, kernel_x="rbf", kernel_y="linear", max_iter=1).fit(X, Y)
     assert plain.map_y_ is None and plain.n_features_y_ == 6
     assert plain.map_x_ is not None and plain.n_features_x_ == 100
 
@@ -263,14 +265,14 @@ def test_model_randomized_svd_solver():
     X, Y = _two_view(150, 3)
     common = dict(rank=4, kernel="rbf", n_landmarks=120, max_iter=1, dtype="float64", factorization="sqrt",
                   similarity="dot")
-    rnd = ud.UniCon(svd="randomized", svd_oversampling=10, svd_power_iter=6, **common).fit(X, Y)
+    rnd = paper_unicon(svd="randomized", svd_oversampling=10, svd_power_iter=6, **common).fit(X, Y)
     assert rnd.svd_solver_ == "randomized"
-    ex = ud.UniCon(svd="exact", **common).fit(X, Y)
+    ex = paper_unicon(svd="exact", **common).fit(X, Y)
     assert ex.svd_solver_ == "exact"
     # same landmarks and features; the randomized step approximates the exact W
     W_r, W_e = rnd.W_, ex.W_
     assert np.linalg.norm(W_r - W_e) <= 1e-8 * np.linalg.norm(W_e)
-    assert ud.UniCon(svd="auto", **common).fit(X, Y).svd_solver_ == "exact"
+    assert paper_unicon(svd="auto", **common).fit(X, Y).svd_solver_ == "exact"
 
 
 def test_model_randomized_matrix_free():
@@ -278,10 +280,10 @@ def test_model_randomized_matrix_free():
     X, Y = _two_view(150, 3)
     common = dict(rank=2, kernel="rbf", n_landmarks=120, max_iter=2, dtype="float64", factorization="sqrt",
                   similarity="dot")
-    rnd = ud.UniCon(svd="randomized", svd_oversampling=4, svd_power_iter=4, **common)
+    rnd = paper_unicon(svd="randomized", svd_oversampling=4, svd_power_iter=4, **common)
     assert rnd._svd_plan(120, 120) == ("randomized", True)
     rnd.fit(X, Y)
-    ex = ud.UniCon(svd="exact", **common).fit(X, Y)
+    ex = paper_unicon(svd="exact", **common).fit(X, Y)
     assert rnd.svd_solver_ == "randomized"
     assert np.linalg.norm(rnd.W_ - ex.W_) <= 1e-7 * np.linalg.norm(ex.W_)
 
@@ -293,10 +295,10 @@ def test_model_rank_above_feature_count(kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         with pytest.raises(ValueError, match="rank"):
-            ud.UniCon(max_iter=1, **kw).fit(X, Y)
+            paper_unicon(max_iter=1, **kw).fit(X, Y)
 
 
 def test_model_too_many_landmarks():
     X, Y = _two_view(30, 5)
     with pytest.raises(ValueError, match="n_landmarks"):
-        ud.UniCon(rank=2, kernel="rbf", n_landmarks=31).fit(X, Y)
+        paper_unicon(rank=2, kernel="rbf", n_landmarks=31).fit(X, Y)

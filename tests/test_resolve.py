@@ -8,7 +8,8 @@ from unicon_dist.cli import main
 
 from test_model import _two_cycle_data
 
-PARAMS = dict(rank=6, temperature=0.5, factorization="sqrt", max_iter=60, tol=1e-6, damping=0.5)
+PARAMS = dict(rank=6, temperature=0.5, factorization="sqrt", max_iter=60, tol=1e-6, damping=0.5, center=False,
+              whiten=None, loss_tol=0.0)
 
 
 @pytest.fixture()

@@ -74,7 +74,7 @@ def test_first_step_with_whitening_is_regularised_cca():
     """One step from s = 0 on whitened views is the SVD of Σ̃xx^{-1/2} Σxy Σ̃yy^{-1/2} (numpy)."""
     X, Y = _views()
     lam, r = 1e-2, 3
-    model = ud.UniCon(rank=r, center=True, whiten=lam, max_iter=1, dtype="float64").fit(X, Y)
+    model = ud.UniCon(rank=r, center=True, whiten=lam, max_iter=1, factorization="orthonormal", dtype="float64").fit(X, Y)
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
     Ax = _inverse_sqrt(np.cov(X.T, bias=True), lam)
     Ay = _inverse_sqrt(np.cov(Y.T, bias=True), lam)
@@ -98,7 +98,7 @@ def test_whitened_model_round_trips(tmp_path):
     assert isinstance(loaded.map_y_, FeatureWhitening)
     np.testing.assert_array_equal(loaded.encode_x(X[:20]), model.encode_x(X[:20]))
     np.testing.assert_array_equal(loaded.encode_y(Y[:20]), model.encode_y(Y[:20]))
-    centred = ud.UniCon(rank=3, center=True, max_iter=1).fit(X, Y)
+    centred = ud.UniCon(rank=3, center=True, whiten=None, max_iter=1).fit(X, Y)
     again = ud.UniCon.load(centred.save(tmp_path / "c.npz"))
     assert again.map_x_.matrix is None and again.map_x_.base is None
     np.testing.assert_array_equal(again.encode_x(X[:20]), centred.encode_x(X[:20]))
@@ -115,3 +115,15 @@ def test_options_are_validated(bad, match):
     X, Y = _views(n=20)
     with pytest.raises(ValueError, match=match):
         ud.UniCon(rank=2, **bad).fit(X, Y)
+
+
+def test_every_constructor_option_is_a_parameter(tmp_path):
+    """get_params (and so save/load, checkpoints and refit) carries every constructor option."""
+    import inspect
+
+    names = [p for p in inspect.signature(ud.UniCon.__init__).parameters if p != "self"]
+    assert sorted(ud.UniCon().get_params()) == sorted(names)
+    X, Y = _views()
+    model = ud.UniCon(rank=2, center=False, whiten=0.5, loss_tol=1e-3, max_iter=2).fit(X, Y)
+    loaded = ud.UniCon.load(model.save(tmp_path / "m.npz"))
+    assert (loaded.center, loaded.whiten, loaded.loss_tol) == (False, 0.5, 1e-3)

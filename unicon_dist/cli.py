@@ -73,14 +73,13 @@ def cmd_demo(args) -> int:
     rank = rank_default if args.rank is None else args.rank
     temperature = temperature_default if args.temperature is None else args.temperature
     out = args.out if args.out is not None else Path(f"runs/demo/{args.dataset}-unicon.npz")
-    model = ud.UniCon(rank=rank, kernel=args.kernel, temperature=temperature, max_iter=args.max_iter,
-                      tol=args.tol, seed=args.seed, verbose=args.verbose)
+    limits = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
+    model = ud.UniCon(rank=rank, kernel=args.kernel, temperature=temperature, seed=args.seed, verbose=args.verbose,
+                      **limits)
     model._validate_params()  # before any data is read
     train_l, train_r, test_l, test_r, test_labels, classes, desc = _demo_data(args)
-    # centre both views with the training means (the test pairs are never looked at)
-    mean_l, mean_r = train_l.mean(0), train_r.mean(0)
-    xl, xr = train_l - mean_l, train_r - mean_r
-    tl, tr = test_l - mean_l, test_r - mean_r
+    # the model centres and whitens each view itself, with the training rows' moments
+    xl, xr, tl, tr = train_l, train_r, test_l, test_r
     print(desc)
     t_load = time.perf_counter() - t_start
 
@@ -88,18 +87,18 @@ def cmd_demo(args) -> int:
     model.fit(xl, xr)
     t_fit = time.perf_counter() - t0
     print(f"\nUniCon rank {rank}, {args.kernel} kernel, CLIP loss, temperature {temperature}; "
-          "iterations (loss and objective at W_k, relative change of W):")
+          "iterations (loss at W_k, relative change of W):")
     for h in model.history_:
-        print(f"  {h['iteration']:>3}  loss {h['loss']:.5f}  objective {h['objective']:.5f}"
+        print(f"  {h['iteration']:>3}  loss {h['loss']:.5f}"
               f"  delta_w {h['delta_w']:.2e}  {h['seconds']:.3f}s")
-    status = "converged" if model.converged_ else "not converged"
-    print(f"  {status}; kept iteration {model.best_iteration_} (lowest objective)")
+    print(f"  stopped: {model.stop_reason_}; kept iteration {model.best_iteration_}"
+          f"{'' if model.converged_ else ' (lowest loss)'}")
 
     t0 = time.perf_counter()
     result = evaluate_arrays(model, tl, tr, labels=test_labels, label_names=classes, max_rows=args.max_rows,
                              seed=args.seed)
     t_eval = time.perf_counter() - t0
-    print("\ntest pairs: left half (x) vs right half (y); unaligned = cosine of the centred pixels\n")
+    print("\ntest pairs: left half (x) vs right half (y); unaligned = cosine of the raw pixels\n")
     print(format_evaluation(result))
     path = model.save(out)
     print(f"\nmodel written to {path}")
@@ -254,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=int, default=None, help="default 64 (fashion-mnist), 16 (digits)")
     demo.add_argument("--temperature", type=float, default=None, help="default 0.1 (fashion-mnist), 0.5 (digits)")
     demo.add_argument("--kernel", default="linear")
-    demo.add_argument("--max-iter", type=int, default=10)
-    demo.add_argument("--tol", type=float, default=1e-4)
+    demo.add_argument("--max-iter", type=int, default=None, help="default: the model's (30)")
+    demo.add_argument("--tol", type=float, default=None, help="default: the model's (1e-4)")
     demo.add_argument("--test-fraction", type=float, default=0.25, help="digits only: held-out fraction")
     demo.add_argument("--max-rows", type=int, default=10_000, help="evaluate on at most this many test pairs")
     demo.add_argument("--seed", type=int, default=0)

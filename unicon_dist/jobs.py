@@ -395,6 +395,7 @@ _MODEL_TYPES = {
     "n_landmarks": (_INT,), "landmarks": (_STR,), "eig_floor": (_NUM,), "loss": (_STR, _TABLE),
     "temperature": (_NUM,), "nu": (_NUM,), "rho": (_NUM,), "negatives": (_STR, _INT), "similarity": (_STR,),
     "factorization": (_STR,), "ridge": (_NUM,), "max_iter": (_INT,), "tol": (_NUM,), "svd": (_STR,),
+    "center": (_BOOL,), "whiten": (_NUM, _BOOL), "loss_tol": (_NUM,), "damping": (_NUM,),
     "svd_oversampling": (_INT,), "svd_power_iter": (_INT,), "seed": (_INT,), "device": (_STR,),
     "dtype": (_STR,), "memory_budget": (_INT, _STR), "verbose": (_BOOL,),
 }
@@ -408,6 +409,7 @@ def _model_kwargs(table: dict) -> tuple[dict, list[str]]:
     """UniCon keyword arguments from the ``[model]`` table, and the problems found."""
     from .kernels import get_kernel
     from .losses import get_loss
+    from .model import UniCon
 
     errors = []
     valid = _model_param_names()
@@ -433,10 +435,14 @@ def _model_kwargs(table: dict) -> tuple[dict, list[str]]:
                 spec = dict(value)
                 if not isinstance(spec.get("name"), str):
                     raise ValueError('needs a string key "name", e.g. {name = "sigmoid", bias = -10.0}')
-                value = get_loss(spec.pop("name"), temperature=table.get("temperature", 0.07),
+                value = get_loss(spec.pop("name"), temperature=table.get("temperature", UniCon().temperature),
                                  nu=table.get("nu", 1.0), **spec)
             elif key == "memory_budget":
                 value = parse_bytes(value)
+            elif key == "whiten" and isinstance(value, bool):
+                if value:
+                    raise ValueError("is a ridge > 0 (e.g. 1e-3), or false for no whitening")
+                value = None  # TOML has no null
         except (ValueError, TypeError) as exc:
             errors.append(f"[model] {key}: {exc}")
             continue

@@ -49,6 +49,12 @@ class UniCon:
     ``tol``.  The first step starts from s = 0.  S(γ) is never formed: Φ_Xᵀ S Φ_Y is
     streamed in tiles (:class:`unicon_dist.CrossProductOperator`).
 
+    The defaults are those measured best on real pairs (``benchmarks/bench_compare.py``,
+    RESULTS §7): centred and ridge-whitened views (``whiten=1e-3``; the first step is
+    then regularised CCA), τ = 0.1, the "sqrt" factorization and damped steps
+    (η = 0.2) that stop at a loss plateau.  The paper's plain map (``damping=1``,
+    ``factorization="orthonormal"``, raw features) oscillates on such data.
+
     Parameters
     ----------
     rank : int
@@ -93,8 +99,10 @@ class UniCon:
     similarity : {"cosine", "dot"}
         Cosine: embeddings are L2-normalised; each step linearises at the current
         encoders by scaling row i of Φ_X by 1/‖f(x_i)‖ (and Φ_Y likewise).
-    factorization : {"orthonormal", "sqrt"}
-        How W* is split into F1, F2 (see :func:`unicon_dist.closed_form_step`).
+    factorization : {"sqrt", "orthonormal"}
+        How W* is split into F1, F2 (see :func:`unicon_dist.closed_form_step`).  With
+        cosine similarity the split changes the similarities; "sqrt" weights each
+        direction by √σ and measured better than "orthonormal" (equal weights).
     ridge : float
         Tikhonov term on the leading diagonal of C before the SVD.
     max_iter : int
@@ -181,21 +189,21 @@ class UniCon:
         n_landmarks=None,
         landmarks: str = "uniform",
         eig_floor: float = 1e-10,
-        center: bool = False,
-        whiten=None,
+        center: bool = True,
+        whiten=1e-3,
         loss="clip",
-        temperature: float = 0.07,
+        temperature: float = 0.1,
         nu: float = 1.0,
         rho: float = 1.0,
         negatives="full",
         batch_split: str = "random",
         similarity: str = "cosine",
-        factorization: str = "orthonormal",
+        factorization: str = "sqrt",
         ridge: float = 0.0,
-        max_iter: int = 10,
+        max_iter: int = 30,
         tol: float = 1e-4,
-        loss_tol: float = 0.0,
-        damping: float = 1.0,
+        loss_tol: float = 1e-4,
+        damping: float = 0.2,
         svd: str = "auto",
         svd_oversampling: int = 10,
         svd_power_iter: int = 2,
@@ -238,9 +246,9 @@ class UniCon:
 
     # ------------------------------------------------------------ parameters
     _PARAMS = (
-        "rank", "kernel", "kernel_x", "kernel_y", "n_landmarks", "landmarks", "eig_floor", "loss", "temperature",
-        "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "max_iter", "tol",
-        "damping", "svd", "svd_oversampling", "svd_power_iter", "seed", "device", "dtype", "memory_budget", "verbose",
+        "rank", "kernel", "kernel_x", "kernel_y", "n_landmarks", "landmarks", "eig_floor", "center", "whiten", "loss",
+        "temperature", "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "max_iter",
+        "tol", "loss_tol", "damping", "svd", "svd_oversampling", "svd_power_iter", "seed", "device", "dtype", "memory_budget", "verbose",
     )
 
     def get_params(self, deep: bool = True) -> dict:

@@ -154,6 +154,12 @@ class BatchAveragedUniCon(BaselineEstimator):
         for k in options:
             if k not in known:
                 raise ValueError(f"unknown UniCon option {k!r} for BatchAveragedUniCon")
+        for k in ("center", "whiten"):
+            if k in options:
+                raise ValueError(f"BatchAveragedUniCon does not take {k}=: centring or whitening each batch would "
+                                 "put every batch map in its own coordinates; preprocess X and Y once instead")
+        # the per-batch closed forms of the paper's procedure, on the features as given
+        options.update(center=False, whiten=None)
         for k in ("kernel", "kernel_x", "kernel_y"):
             value = options.get(k)
             if value is None:
