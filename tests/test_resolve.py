@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import unicon_dist as ud
 from unicon_dist.cli import main
@@ -144,8 +145,8 @@ def test_arrivals_pipeline_runs(tmp_path):
     src.append(X[:1200], Y[:1200])
     test = ud.PairStore.create(tmp_path / "test.zarr", 16, 16)
     test.append(X[1200:], Y[1200:])
-    records = arrivals.simulate(tmp_path / "src.zarr", tmp_path / "test.zarr", tmp_path / "out", rows=1200, steps=3,
-                                options=PARAMS)
+    records = arrivals.simulate(tmp_path / "src.zarr", tmp_path / "test.zarr", tmp_path / "out", base_rows=400,
+                                append_rows=400, appends=2, options=PARAMS)
     assert [r["rows"] for r in records] == [400, 800, 1200]
     assert all("warm" in r and "fast" in r for r in records[1:])
     # every fit converges here (damped steps), so the fast update runs after each append, and the
@@ -155,3 +156,33 @@ def test_arrivals_pipeline_runs(tmp_path):
     assert max(r["warm"]["W_rel_diff_to_cold"] for r in records[1:]) < 1e-4
     assert (tmp_path / "out" / "model.v3.npz").exists()
     assert "| 3 | 1,200 |" in arrivals.table(records)
+
+
+def test_refresh_maps_re_estimates_the_whitening_and_carries_the_warm_start(tmp_path):
+    X, Y = _two_cycle_data(n=1200)
+    X = X * np.linspace(0.5, 3, X.shape[1]).astype(np.float32) + 1.0  # uneven, uncentred variances
+    store = ud.PairStore.create(tmp_path / "w.zarr", 16, 16)
+    store.append(X[:600], Y[:600])
+    params = dict(rank=6, temperature=0.5, whiten=1e-2, max_iter=60, tol=1e-6, loss_tol=0.0, damping=0.5)
+    model = ud.UniCon(**params).fit(store)
+    store.append(X[600:] + 0.5, Y[600:])                 # the new rows move the mean of X
+    kept = model.refit(store)
+    refreshed = model.refit(store, refresh_maps=True)
+    assert kept.map_x_ is model.map_x_
+    # the refreshed stage is the one a cold fit estimates on all rows
+    cold = ud.UniCon(**params).fit(store)
+    for a, b in ((refreshed.map_x_, cold.map_x_), (refreshed.map_y_, cold.map_y_)):
+        np.testing.assert_allclose(a.mean.numpy(), b.mean.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(a.matrix.numpy(), b.matrix.numpy(), rtol=1e-8)
+    assert refreshed.converged_ and cold.converged_
+    assert np.linalg.norm(refreshed.W_ - cold.W_) / np.linalg.norm(cold.W_) < 1e-4
+    # the carried warm start is the parent's embedding up to the mean shift
+    from unicon_dist.model import _carry_encoder
+
+    F1 = _carry_encoder(model.F1_, model.map_x_, refreshed.map_x_)
+    z_parent = model.map_x_.transform(torch.as_tensor(X)) @ torch.as_tensor(model.F1_).T
+    z_carried = refreshed.map_x_.transform(torch.as_tensor(X)) @ F1.T
+    shift = (refreshed.map_x_.mean - model.map_x_.mean) @ model.map_x_.matrix @ torch.as_tensor(model.F1_).T
+    np.testing.assert_allclose(z_carried.numpy(), (z_parent - shift).numpy(), atol=1e-8)
+    with pytest.raises(ValueError, match="refresh_maps=True needs mode='exact'"):
+        model.refit(store, mode="fast", refresh_maps=True)

@@ -163,12 +163,12 @@ def cmd_resolve(args) -> int:
     if out.exists():
         raise FileExistsError(f"{out} already exists; model versions are never overwritten (pass another --out)")
     t0 = time.perf_counter()
-    new = model.refit(args.store, mode=args.mode, warm_start=not args.cold)
+    new = model.refit(args.store, mode=args.mode, warm_start=not args.cold, refresh_maps=args.refresh_maps)
     path = new.save(out)
     last = new.lineage_[-1]
     print(f"version {last['version']} (parent {last['parent']}): rows {last['rows'][0]}-{last['rows'][1] - 1}, "
           f"{last['rows'][1] - model.data_['n_rows']:,} new; {last['start']} start, {new.n_iter_} iterations "
-          f"({'converged' if new.converged_ else 'not converged'}) in {time.perf_counter() - t0:.1f}s -> {path}")
+          f"(stopped: {new.stop_reason_}) in {time.perf_counter() - t0:.1f}s -> {path}")
     return 0
 
 
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exact: the fixed point over all rows (default); fast: fold the new rows into the "
                           "model's C at its encoders and take one SVD (an approximation, see UniCon.refit)")
     res.add_argument("--cold", action="store_true", help="exact mode: start from s = 0 instead of the model's encoders")
+    res.add_argument("--refresh-maps", action="store_true",
+                     help="exact mode: re-estimate each view's centring/whitening on all rows (Nyström landmarks kept)")
     res.set_defaults(func=cmd_resolve)
 
     _add_ingest_parser(sub)

@@ -394,7 +394,8 @@ class UniCon:
             self.data_ = {"source": "arrays", "n_rows": int(n), "dim_x": int(X.shape[1]), "dim_y": int(Y.shape[1])}
             return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
 
-    def refit(self, store=None, *, mode: str = "exact", warm_start: bool = True, executor=None) -> "UniCon":
+    def refit(self, store=None, *, mode: str = "exact", warm_start: bool = True, refresh_maps: bool = False,
+              executor=None) -> "UniCon":
         """A new model on every row of the store this one was fitted on, after appends.
 
         The receiver is left unchanged.  The new model keeps this model's Nyström maps
@@ -422,6 +423,13 @@ class UniCon:
             stopped at its fixed point or at a loss plateau.
         warm_start : bool
             Exact mode: start from this model's encoders (default) or from s = 0.
+        refresh_maps : bool
+            Exact mode: re-estimate the centring and whitening of each view on all rows
+            (one extra read) instead of keeping this model's.  The Nyström landmarks are
+            kept either way: new landmarks would put the encoders in another feature
+            space.  A warm start is carried over exactly: with A, A' the old and new
+            whitening matrices, F1' = F1 A A'^{−1} gives the same embedding up to the
+            shift of the mean.
         executor : LocalExecutor or RayExecutor, optional
 
         Returns
@@ -443,11 +451,18 @@ class UniCon:
         loss_fn, kernels, device, dtype = new._validate_params()
         new._parent = {"lineage": list(getattr(self, "lineage_", []) or [{"version": 1}]), "n_rows": data["n_rows"],
                        "sigma_mean": (self.history_[-1].get("sigma_mean") if self.history_ else None)}
+        if mode == "fast" and refresh_maps:
+            raise ValueError("refresh_maps=True needs mode='exact' (the fast update folds rows into C in the "
+                             "model's own feature space)")
         if mode == "fast":
             return new._fast_update(self, store, loss_fn, device, dtype)
         if mode != "exact":
             raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
         start = (torch.as_tensor(self.F1_), torch.as_tensor(self.F2_)) if warm_start else None
+        if refresh_maps and (self.center or self.whiten is not None):
+            return new._fit_store(store, None, executor, loss_fn, kernels, device, dtype,
+                                  maps=[_base_map(m) for m in (self.map_x_, self.map_y_)], start=start,
+                                  carry_from=(self.map_x_, self.map_y_))
         return new._fit_store(store, None, executor, loss_fn, kernels, device, dtype,
                               maps=(self.map_x_, self.map_y_), start=start)
 
@@ -502,7 +517,11 @@ class UniCon:
         }]
         return self
 
-    def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype, maps=None, start=None):
+    def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype, maps=None, start=None,
+                   carry_from=None):
+        """The store fit.  ``maps``: keep these feature maps (a refit), or with ``carry_from``
+        (the parent's maps) re-estimate their centring/whitening on all rows and carry the
+        warm start ``start`` over to the new whitening."""
         from .executors import LocalExecutor
 
         n = len(store)
@@ -530,7 +549,8 @@ class UniCon:
             ]
             preprocess = True
         else:
-            preprocess = False  # a refit keeps its parent's maps, whitening included
+            # a refit keeps its parent's maps, whitening included, unless it refreshes them
+            preprocess = carry_from is not None
         mx = store.dim_x if maps[0] is None else maps[0].n_features
         my = store.dim_y if maps[1] is None else maps[1].n_features
         itemsize = torch.finfo(dtype).bits // 8
@@ -544,6 +564,8 @@ class UniCon:
                 return torch.as_tensor(x, device=driver), torch.as_tensor(y, device=driver)
 
             maps = self._preprocess(maps, read_pair, n, self.plan_.panel_rows)
+            if carry_from is not None and start is not None:
+                start = tuple(_carry_encoder(F, old, new) for F, old, new in zip(start, carry_from, maps))
         self.map_x_, self.map_y_ = maps
         self.data_ = store_provenance(store, n)
         self._start(loss_fn, store.dim_x, store.dim_y, mx, my)
@@ -1135,6 +1157,22 @@ class _Shifted:
         if isinstance(rows, slice):
             return self.loader(slice(rows.start + self.offset, rows.stop + self.offset))
         return self.loader(np.asarray(rows) + self.offset)
+
+
+def _base_map(fmap):
+    """The Nyström map (or None) under a centring/whitening stage."""
+    return fmap.base if isinstance(fmap, FeatureWhitening) else fmap
+
+
+def _carry_encoder(F, old, new):
+    """F' with F'·Ã'(φ) = F·Ã(φ) up to the mean shift: F' = F A A'^{−1} (A, A' symmetric)."""
+    F = torch.as_tensor(F, dtype=torch.float64)
+    A_old = getattr(old, "matrix", None)
+    A_new = getattr(new, "matrix", None)
+    G = F if A_old is None else F @ A_old.to(device=F.device)
+    if A_new is not None:
+        G = torch.linalg.solve(A_new.to(device=F.device), G.T).T
+    return G
 
 
 def _phases(before: dict, after: dict, built: dict, svd_seconds: float, matrix_free: bool) -> dict:
