@@ -498,7 +498,7 @@ class UniCon:
         # the same (damped) step the parent's iteration takes, from the parent's W
         self.svd_solver_, self._matrix_free = parent.svd_solver_, False
         F1, F2, _ = self._step(C, torch.as_tensor(parent.W_, dtype=torch.float64, device=device),
-                               self.damping < 1, None)
+                               self.damping < 1, None, factors=(parent.F1_, parent.F2_))
         self.F1_, self.F2_ = F1.cpu().numpy(), F2.cpu().numpy()
         self.W_ = self.F1_.T @ self.F2_
         self.C_ = C.cpu().numpy()
@@ -634,8 +634,9 @@ class UniCon:
             before = op.phase_seconds()
             C = op if self._matrix_free else op.materialize()
             t_svd = time.perf_counter()
-            F1, F2, sigma_prev = self._step(C, W_prev, self.damping < 1 and (it > 1 or init is not None),
-                                            sigma_prev, scale_known=it > 2 or init is not None)
+            damped = self.damping < 1 and (it > 1 or init is not None)
+            F1, F2, sigma_prev = self._step(C, W_prev, damped, sigma_prev, scale_known=it > 2 or init is not None,
+                                            factors=(F1, F2) if damped else None)
             # contiguous, like the arrays a resumed fit reads back, so that both multiply
             # the same memory layouts (BLAS results can depend on them)
             F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
@@ -713,9 +714,10 @@ class UniCon:
         self.W_ = W.cpu().numpy()
         return self
 
-    def _step(self, C, W_prev, damped: bool, sigma_prev, scale_known: bool = True):
+    def _step(self, C, W_prev, damped: bool, sigma_prev, scale_known: bool = True, factors=None):
         """One closed-form step: the factors of [C]_r/ρ, or of the damped target M (see ``damping``).
 
+        ``factors``: (F1, F2) of W_prev when known (its singular values then cost r×r work).
         Returns (F1, F2, mean of the top-r singular values of the matrix factored).
         """
         rank = int(self.rank)
@@ -732,7 +734,7 @@ class UniCon:
                 c_scale = float(torch.linalg.svdvals(C.to(torch.float64))[:rank].mean())
             else:
                 c_scale = sigma_prev if scale_known else None
-            w_scale = float(torch.linalg.svdvals(W_prev.to(torch.float64))[:rank].mean())
+            w_scale = _mean_singular_value(W_prev, factors, rank)
             damped = c_scale is not None and w_scale > 0
             scale = c_scale / w_scale if damped else None
         target = damped_target(C, W_prev, float(self.damping), scale) if damped else C
@@ -1157,6 +1159,17 @@ class _Shifted:
         if isinstance(rows, slice):
             return self.loader(slice(rows.start + self.offset, rows.stop + self.offset))
         return self.loader(np.asarray(rows) + self.offset)
+
+
+def _mean_singular_value(W, factors, rank: int) -> float:
+    """Mean of the top-``rank`` singular values of W = F1ᵀF2: from the r×r core R1R2ᵀ of
+    the QR factors of F1ᵀ and F2ᵀ when the factors are given, else from W itself."""
+    if factors is None:
+        return float(torch.linalg.svdvals(W.to(torch.float64))[:rank].mean())
+    F1, F2 = (torch.as_tensor(F, dtype=torch.float64) for F in factors)
+    R1 = torch.linalg.qr(F1.T, mode="r")[1]
+    R2 = torch.linalg.qr(F2.T, mode="r")[1]
+    return float(torch.linalg.svdvals(R1 @ R2.T)[:rank].mean())
 
 
 def _base_map(fmap):

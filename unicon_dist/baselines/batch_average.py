@@ -171,7 +171,8 @@ class BatchAveragedUniCon(BaselineEstimator):
         if options.get("n_landmarks") is not None:
             raise ValueError(f"BatchAveragedUniCon supports the linear kernel only (exact features); "
                              f"got n_landmarks={options['n_landmarks']!r}")
-        factorization = options.get("factorization", "orthonormal")
+        # the batch fits' own factorization (UniCon's default unless given)
+        factorization = options.get("factorization", UniCon().factorization)
         if factorization not in ("orthonormal", "sqrt"):
             raise ValueError(f"factorization must be 'orthonormal' or 'sqrt', got {factorization!r}")
         return {"batch_size": batch_size, "seed": seed, "options": options, "factorization": factorization}
