@@ -729,13 +729,20 @@ class UniCon:
             # neither do the factors, so only directions are averaged.  A matrix-free C's
             # scale comes from the previous step's SVD; it settles at C's own as the
             # iteration converges (it only sets the step length).  The s = 0 step's C is on
-            # another scale, so the step after it is then plain (``scale_known`` False).
+            # another scale, so the step after it sketches C once more (``scale_known`` False).
             if not self._matrix_free:
                 c_scale = float(torch.linalg.svdvals(C.to(torch.float64))[:rank].mean())
+            elif scale_known:
+                c_scale = sigma_prev
             else:
-                c_scale = sigma_prev if scale_known else None
+                # the first damped step of a matrix-free fit: one extra sketch of C for its scale
+                # (a plain step here can undo the first step and end the fit at a "plateau")
+                from .randomized import randomized_svd
+
+                c_scale = float(randomized_svd(C, rank, int(self.svd_oversampling), int(self.svd_power_iter),
+                                               self.seed)[1].mean())
             w_scale = _mean_singular_value(W_prev, factors, rank)
-            damped = c_scale is not None and w_scale > 0
+            damped = w_scale > 0
             scale = c_scale / w_scale if damped else None
         target = damped_target(C, W_prev, float(self.damping), scale) if damped else C
         F1, F2, sig = closed_form_step(
