@@ -854,9 +854,10 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
     for h in model.history_:
         echo(f"  iteration {h['iteration']:>3}  loss {h['loss']:.5f}  objective {h['objective']:.5f}  "
              f"delta_w {h['delta_w']:.2e}  {h['seconds']:.2f}s")
-    state = "converged" if model.converged_ else "not converged"
-    echo(f"  {state} after {model.n_iter_} iterations in {timings['fit']:.1f}s; "
-         f"kept iteration {model.best_iteration_} (lowest objective)")
+    kept = "the fixed point" if model.converged_ else (
+        "lowest loss" if model.similarity == "cosine" else "lowest objective")
+    echo(f"  stopped ({model.stop_reason_}) after {model.n_iter_} iterations in {timings['fit']:.1f}s; "
+         f"kept iteration {model.best_iteration_} ({kept})")
 
     job.output.check_writable()
     t0 = time.perf_counter()
