@@ -39,7 +39,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness as H  # noqa: E402
-from bench_store_io import _Prefix, _TimedReads, evict, store_path  # noqa: E402
+from bench_store_io import _Prefix, _TimedReads, measured_fit, store_path  # noqa: E402
 
 H.use_checkout()
 
@@ -64,15 +64,8 @@ def fit_worker(params: dict) -> dict:
         store = _Prefix(store, params["rows"])
     timed = _TimedReads(store)
     options = dict(rank=RANK, memory_budget=BUDGET, **params["options"])
-    # warm-up (one-off allocations of torch and zarr); the measured fit below uses the
-    # store's groups when it has them (WordNet's synsets)
-    ud.UniCon(**{**options, "max_iter": 1}).fit(_Prefix(store, 5000), groups=False)
-    evict(path)
-    H.reset_peak()
-    base = H.maxrss_mib()
-    model = ud.UniCon(**options)
-    with H.Timer() as t:
-        model.fit(timed)
+    # the measured fit uses the store's groups when it has them (WordNet's synsets)
+    model, t, base, _ = measured_fit(timed, path, options)
     phases = {}
     for h in model.history_:
         for k, v in h["phases"].items():

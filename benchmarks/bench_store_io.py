@@ -169,16 +169,7 @@ def fit_worker(params: dict) -> dict:
         store = _Prefix(store, params["rows"])
     timed = _TimedReads(store)
     options = dict(rank=64, temperature=0.1, max_iter=2, tol=0.0, **params["options"])
-    # warm-up on 5,000 rows: torch's and zarr's one-off allocations (thread pools, BLAS
-    # workspaces, about 100 MiB here) belong to the process, not to the fit's working set
-    ud.UniCon(**{**options, "max_iter": 1}).fit(_Prefix(store, 5000))
-    warm_peak = H.maxrss_mib()
-    evict(path)
-    H.reset_peak()
-    base = H.maxrss_mib()
-    model = ud.UniCon(**options)
-    with H.Timer() as t:
-        model.fit(timed)
+    model, t, base, warm_peak = measured_fit(timed, path, options)
     return {
         "part": "fit", "name": params["name"], "n": len(timed), "store_bytes": 2 * len(timed) * DIM * 4,
         "memory_budget": params["options"]["memory_budget"], "panel_rows": model.plan_.panel_rows,
@@ -188,6 +179,26 @@ def fit_worker(params: dict) -> dict:
         "peak_of_warmup_mib": warm_peak, "cpu_utilisation": t.utilisation,
         "threads": torch.get_num_threads(), "history": model.history_,
     }
+
+
+def measured_fit(store, path: Path, options: dict):
+    """Fit ``ud.UniCon(**options)`` on ``store`` from a cold page cache, its peak RSS its own.
+
+    A warm-up fit on 5,000 rows first: torch's and zarr's one-off allocations (thread pools,
+    BLAS workspaces, about 100 MiB here) belong to the process, not to the fit's working set.
+    Returns (model, Timer, RSS before the fit in MiB, peak RSS of the warm-up in MiB).
+    """
+    import unicon_dist as ud
+
+    ud.UniCon(**{**options, "max_iter": 1}).fit(_Prefix(store, 5000), groups=False)
+    warm_peak = H.maxrss_mib()
+    evict(path)
+    H.reset_peak()
+    base = H.maxrss_mib()
+    model = ud.UniCon(**options)
+    with H.Timer() as t:
+        model.fit(store)
+    return model, t, base, warm_peak
 
 
 class _TimedReads:
