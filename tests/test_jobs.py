@@ -155,6 +155,11 @@ def test_missing_required_tables_and_keys(workdir):
     ("memory_budget = 0", "[model] memory_budget: must be a positive number of bytes, got 0"),
     ("memory_budget = 1.5", "[model] memory_budget must be an integer or a string, got 1.5 (float)"),
     ('verbose = "yes"', "[model] verbose must be a boolean, got 'yes' (string)"),
+    ("whiten = true", "[model] whiten: is a ridge > 0 (e.g. 1e-3), or false for no whitening"),
+    ("whiten = -1e-3", "[model] whiten must be None or a ridge > 0"),
+    ('center = "yes"', "[model] center must be a boolean, got 'yes' (string)"),
+    ("damping = 0", "[model] damping must be a number in (0, 1]"),
+    ("loss_tol = -1", "[model] loss_tol must be a number >= 0"),
 ])
 def test_model_option_types_and_ranges(workdir, line, message):
     body = {"rank": "rank = 4", "temperature": "temperature = 0.5"}
@@ -181,6 +186,9 @@ def test_model_options_that_are_accepted(workdir):
     assert model.loss.name == "sigmoid" and model.loss.temperature == 0.2
     assert model.memory_budget == int(1.5 * 2**20) and model.negatives == 16
     assert "memory budget 1.5 MiB" in job.describe()
+    raw = load_job(write_job(workdir, job_text(model="rank = 3\ncenter = false\nwhiten = false\nloss_tol = 0.0"),
+                             name="raw.toml")).make_model()
+    assert (raw.center, raw.whiten, raw.loss_tol) == (False, None, 0.0)
 
 
 def test_parse_bytes():
