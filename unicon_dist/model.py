@@ -387,9 +387,14 @@ class UniCon:
         if n < 2:
             raise ValueError(f"need at least 2 pairs to contrast, got {n}")
         with self._checkpointing(checkpoint, resume, loss_fn, lambda: _ckpt.array_fingerprint(X, Y, groups), device):
-            bases = [self._fit_map(A, k, name) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y"))]
-            self.map_x_, self.map_y_ = self._preprocess(bases, lambda rows: (X[rows], Y[rows]), n, _MOMENT_ROWS)
-            phi_x, phi_y = self._features(X, self.map_x_, dtype), self._features(Y, self.map_y_, dtype)
+            bases = [_base_map(self._fit_map(A, k, name))
+                     for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y"))]
+            # the (Nyström) features once: the moments and the passes both use them
+            phi_x, phi_y = self._features(X, bases[0], dtype), self._features(Y, bases[1], dtype)
+            self.map_x_, self.map_y_ = self._preprocess(bases, lambda rows: (phi_x[rows], phi_y[rows]), n,
+                                                        _MOMENT_ROWS, dtype, featurized=True)
+            phi_x, phi_y = (m.apply(F) if isinstance(m, FeatureWhitening) else F
+                            for m, F in ((self.map_x_, phi_x), (self.map_y_, phi_y)))
             self._start(loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
             self.data_ = {"source": "arrays", "n_rows": int(n), "dim_x": int(X.shape[1]), "dim_y": int(Y.shape[1])}
             return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
@@ -563,7 +568,7 @@ class UniCon:
                 x, y, _ = store.read(rows)
                 return torch.as_tensor(x, device=driver), torch.as_tensor(y, device=driver)
 
-            maps = self._preprocess(maps, read_pair, n, self.plan_.panel_rows)
+            maps = self._preprocess(maps, read_pair, n, self.plan_.panel_rows, dtype)
             if carry_from is not None and start is not None:
                 start = tuple(_carry_encoder(F, old, new) for F, old, new in zip(start, carry_from, maps))
         self.map_x_, self.map_y_ = maps
@@ -868,12 +873,14 @@ class UniCon:
         kernel = kernel.resolve(read(np.arange(n) if sample is None else sample), seed=self.seed)
         return NystroemMap.from_landmarks(kernel, read(uniform_landmarks(n, m, self.seed)), self.eig_floor, name)
 
-    def _preprocess(self, bases, read_pair, n: int, block: int):
+    def _preprocess(self, bases, read_pair, n: int, block: int, dtype, featurized: bool = False):
         """The maps ``bases`` (x, y) wrapped in the centring/whitening stage the options ask for.
 
-        The moments of both views are accumulated in one read of the rows, in blocks of
-        ``block`` rows in row order (``read_pair(slice) -> (x, y)``), before the fixed
-        point starts.  Without ``center`` and ``whiten`` the bases are returned as they are.
+        The moments of both views are accumulated (in float64) in one read of the rows, in
+        blocks of ``block`` rows in row order (``read_pair(slice) -> (x, y)``: inputs, or
+        with ``featurized`` the base features already), of the features in ``dtype``, the
+        precision the passes see them in.  Without ``center`` and ``whiten`` the bases are
+        returned as they are.
         """
         if not self.center and self.whiten is None:
             return list(bases)
@@ -884,7 +891,7 @@ class UniCon:
         for start in range(0, n, max(1, int(block))):
             blocks = read_pair(slice(start, min(n, start + int(block))))
             for k, (A, base) in enumerate(zip(blocks, bases)):
-                F = features(A, base, torch.float64)
+                F = A if featurized else features(A, base, dtype)
                 moments[k] = Moments(F.shape[1]) if moments[k] is None else moments[k]
                 moments[k].add(F)
         ridge = None if self.whiten is None else float(self.whiten)

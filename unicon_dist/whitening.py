@@ -125,10 +125,13 @@ class FeatureWhitening:
         """
         dtype = torch.float64 if dtype is None else dtype
         X = torch.as_tensor(X)
-        F = X.to(dtype) if self.base is None else self.base.transform(X, block=block, dtype=dtype)
-        F = F - self.mean.to(device=F.device, dtype=dtype)
+        return self.apply(X.to(dtype) if self.base is None else self.base.transform(X, block=block, dtype=dtype))
+
+    def apply(self, F: torch.Tensor) -> torch.Tensor:
+        """The affine stage alone, (F − mean)·matrix, on features ``F`` that ``base`` made."""
+        F = F - self.mean.to(device=F.device, dtype=F.dtype)
         if self.matrix is not None:
-            F = F @ self.matrix.to(device=F.device, dtype=dtype)
+            F = F @ self.matrix.to(device=F.device, dtype=F.dtype)
         return F
 
     # ------------------------------------------------------------------ storage
