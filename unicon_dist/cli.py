@@ -179,6 +179,25 @@ def _stem(path: Path) -> str:
     return head if head and tail.isdigit() else stem
 
 
+# ---------------------------------------------------------------------------- study
+def cmd_study(args) -> int:
+    from unicon_dist.study import load_study, run_study
+
+    study = load_study(args.grid)
+    print(study.describe())
+    if args.dry_run:
+        finished = study.finished() if study.output.is_dir() else set()
+        print("\npoints (id  varying values):")
+        for k, p in enumerate(study.points, 1):
+            print(f"  {k:>4}  {p.id}  {p.label}{'  [finished]' if p.id in finished else ''}")
+        print("\ndry run: the grid is valid; nothing was solved or written")
+        return 0
+    print()
+    rows = run_study(study)
+    ids = {p.id for p in study.points}
+    return 1 if any(r["status"] != "ok" for r in rows if r["id"] in ids) else 0
+
+
 # ---------------------------------------------------------------------------- ingest
 def _label_names_arg(args):
     if args.label_names_file is not None:
@@ -302,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--refresh-maps", action="store_true",
                      help="exact mode: re-estimate each view's centring/whitening on all rows (Nyström landmarks kept)")
     res.set_defaults(func=cmd_resolve)
+
+    study = sub.add_parser("study", help="run a resumable parameter grid of solves from a TOML grid file",
+                           description="Validate GRID completely, then solve every grid point that has no finished "
+                                       "result in the output folder (locally or as Ray tasks): one JSON per point, "
+                                       "results.csv / results.parquet rewritten after each, plots at the end. "
+                                       "Exit status 1 when some point failed (re-run to retry it).")
+    study.add_argument("grid", type=Path, help="the grid file ([data], [study], [model], [grid])")
+    study.add_argument("--dry-run", action="store_true", help="validate and print the points and their ids only")
+    study.set_defaults(func=cmd_study)
 
     _add_ingest_parser(sub)
     return parser
