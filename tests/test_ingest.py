@@ -55,6 +55,18 @@ def test_npy(tmp_path, data):
     assert [e["rows"] for e in store.attrs["appends"]] == [[0, 8], [8, 16], [16, 24], [24, 30]]
 
 
+def test_npy_into_bfloat16(tmp_path, data):
+    import torch
+
+    np.save(tmp_path / "x.npy", data["x"])
+    np.save(tmp_path / "y.npy", data["y"])
+    store = ingest(tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "s.zarr", dtype="bfloat16", chunk_rows=CH)
+    x, y, _ = store.read(slice(None))
+    assert store.dtype == "bfloat16"
+    np.testing.assert_array_equal(x, torch.tensor(data["x"]).to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(y, torch.tensor(data["y"]).to(torch.bfloat16).float().numpy())
+
+
 def test_npy_fortran_order_and_offsets(tmp_path, data):
     np.save(tmp_path / "x.npy", np.asfortranarray(data["x"]))
     src = open_source(tmp_path / "x.npy", "x")

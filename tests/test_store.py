@@ -75,6 +75,31 @@ def test_storage_dtype(tmp_path, dtype):
     np.testing.assert_array_equal(ry, y.astype(dtype))
 
 
+def test_bfloat16_storage(tmp_path):
+    import torch
+
+    s = _store(tmp_path, n=0, dtype="bfloat16")
+    x, y = _pairs(6)
+    s.append(x, y)
+    r = PairStore.open(s.path)
+    rx, ry, _ = r.read(slice(None))
+    # read back as float32 holding exactly torch's round-to-nearest-even bfloat16 values
+    assert rx.dtype == np.float32 and r.dtype == "bfloat16" and r.itemsize == 2
+    np.testing.assert_array_equal(rx, torch.tensor(x).to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(ry, torch.tensor(y).to(torch.bfloat16).float().numpy())
+    assert not np.array_equal(rx, x.astype(np.float32))  # it did round
+    grp = zarr.open_group(s.path, mode="r")
+    assert grp["x"].dtype == np.uint16  # the 16-bit patterns
+    assert default_chunk_rows(DX, DY, "bfloat16") == default_chunk_rows(DX, DY, "float16")
+    with pytest.raises(ValueError, match=r"x has values out of range for bfloat16 in rows 7"):
+        s.append(np.vstack([x[:1], np.full((1, DX), 1e39)]), y[:2])
+    assert len(s) == 6
+    # a fit from the bfloat16 store is the fit on the rounded arrays
+    m_store = ud.UniCon(rank=2, max_iter=2).fit(s.path)
+    m_mem = ud.UniCon(rank=2, max_iter=2).fit(rx, ry)
+    np.testing.assert_allclose(m_store.W_, m_mem.W_, rtol=1e-5, atol=1e-6)
+
+
 def test_layout_chunks_and_zstd(tmp_path):
     s = _store(tmp_path, n=0, groups=True)
     grp = zarr.open_group(s.path, mode="r")

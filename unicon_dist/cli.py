@@ -242,7 +242,7 @@ def _add_ingest_parser(sub) -> None:
     names = ing.add_mutually_exclusive_group()
     names.add_argument("--label-names", default=None, help="comma-separated class names (label k = k-th name)")
     names.add_argument("--label-names-file", type=Path, default=None, help="text file, one class name per line")
-    ing.add_argument("--dtype", choices=("float32", "float16", "float64"), default=None,
+    ing.add_argument("--dtype", choices=("float32", "float16", "float64", "bfloat16"), default=None,
                      help="storage dtype of a new store (default float32; appending keeps the store's)")
     ing.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk of a new store")
     ing.add_argument("--block-rows", type=int, default=None,

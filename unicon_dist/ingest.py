@@ -54,7 +54,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .store import PairStore, _is_pair_store
+from .store import STORE_DTYPES, PairStore, _is_pair_store, cast_to_storage, storage_itemsize
 
 __all__ = ["ingest", "IngestError", "open_source"]
 
@@ -594,7 +594,7 @@ def _plan_blocks(store_start: int, n: int, block_rows: int) -> tuple[int, ...]:
 
 
 def _default_block_rows(sources: list[Source], store_dtype: str, chunk_rows: int) -> int:
-    row_bytes = sum(max(1, math.prod(s.shape[1:])) * (s.dtype.itemsize + np.dtype(store_dtype).itemsize)
+    row_bytes = sum(max(1, math.prod(s.shape[1:])) * (s.dtype.itemsize + storage_itemsize(store_dtype))
                     for s in sources)
     return chunk_rows * max(1, _BLOCK_BYTES // (row_bytes * chunk_rows))
 
@@ -605,7 +605,7 @@ def _check_block(src: Source, block: np.ndarray, row0: int, store: PairStore) ->
         if block.dtype.kind == "f" and (bad := np.flatnonzero(~np.isfinite(block).all(axis=1))).size:
             raise ValueError(f"{src.label}: non-finite values in {_rows(bad, row0)}")
         with np.errstate(over="ignore", invalid="ignore"):
-            cast = block.astype(store.dtype, copy=False)
+            cast = cast_to_storage(block, store.dtype)
         if (bad := np.flatnonzero(~np.isfinite(cast).all(axis=1))).size:
             raise ValueError(f"{src.label}: values out of range for {store.dtype} in {_rows(bad, row0)}")
         return cast
@@ -643,7 +643,8 @@ def ingest(x_source, y_source, store_path, *, groups=None, labels=None, dtype=No
         1-D integer sources with one entry per row: positive-pair groups and class
         labels.  An existing store must have groups (labels) iff these are given.
     dtype : {"float32", "float16", "float64"}, optional
-        Storage dtype of a new store (default float32).  When appending, it must be
+        Storage dtype of a new store: float32 (default), float16, float64 or bfloat16
+        (see :meth:`PairStore.create`).  When appending, it must be
         the store's dtype if given.
     chunk_rows : int, optional
         Rows per chunk of a new store (default :func:`unicon_dist.store.default_chunk_rows`); when
@@ -755,8 +756,8 @@ def _prepare_store(src: dict, store_path: Path, *, dtype, chunk_rows, append, ov
         if store_path.exists() and not (store_path.is_dir() and (_is_pair_store(store_path)
                                                                  or not any(store_path.iterdir()))):
             raise FileExistsError(f"refusing to overwrite {store_path}: it is not a pair store")
-        if dtype is not None and dtype not in ("float32", "float16", "float64"):
-            raise ValueError(f"unsupported dtype {dtype!r}; expected float32, float16 or float64")
+        if dtype is not None and dtype not in STORE_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer))
                                        or chunk_rows < 1):
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")

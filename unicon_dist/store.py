@@ -46,14 +46,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 from zarr.core.sync import sync
 
-__all__ = ["PairStore", "default_chunk_rows"]
+__all__ = ["PairStore", "default_chunk_rows", "cast_to_storage", "storage_itemsize"]
 
 FORMAT = "unicon_dist.pairstore"
 SCHEMA_VERSION = 1
-_DTYPES = ("float32", "float16", "float64")
+STORE_DTYPES = _DTYPES = ("float32", "float16", "float64", "bfloat16")
+# bfloat16 has no numpy dtype: its arrays hold the 16-bit patterns as uint16 (bits 16-31 of
+# the float32 of the same value), and reads decode them to float32, which is exact
+_BF16_NAN_BITS = 0x7FC0
 _MIN_CHUNK_BYTES = 2**20
 _WRITE_CONFIG = {"write_empty_chunks": True}
 # what decoding a damaged chunk raises: numcodecs zstd -> RuntimeError, bad sizes -> ValueError
@@ -64,12 +68,35 @@ _AUX_GROUP = "aux"
 _AUX_CHUNK_BYTES = 4 * 2**20
 
 
+def storage_itemsize(dtype: str) -> int:
+    """Bytes per stored value of a store dtype name (bfloat16 included)."""
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
+def cast_to_storage(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a`` rounded to the store dtype, as the values a read returns (bfloat16: float32
+    arrays of bfloat16 values, rounded to nearest even by torch's cast)."""
+    if dtype != "bfloat16":
+        return a.astype(dtype, copy=False)
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return t.to(torch.bfloat16).to(torch.float32).numpy()
+
+
+def _bf16_bits(values: np.ndarray) -> np.ndarray:
+    """uint16 patterns of float32 values that are already bfloat16 (see cast_to_storage)."""
+    return (np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def default_chunk_rows(dim_x: int, dim_y: int, dtype="float32") -> int:
     """Rows per chunk so that a chunk of the wider array holds at least 1 MiB.
 
     Rounded up to a multiple of 64, and at least 64.
     """
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = storage_itemsize(dtype)
     rows = math.ceil(_MIN_CHUNK_BYTES / (max(dim_x, dim_y) * itemsize))
     return max(64, -(-rows // 64) * 64)
 
@@ -161,8 +188,10 @@ class PairStore:
             Directory of the Zarr v3 group.
         dim_x, dim_y : int
             Feature dimensions of ``x`` and ``y``.
-        dtype : {"float32", "float16", "float64"}
-            Storage dtype of both arrays.
+        dtype : {"float32", "float16", "float64", "bfloat16"}
+            Storage dtype of both arrays.  Rows are rounded to it when appended and
+            read back as that dtype (bfloat16: float32 arrays of the bfloat16 values,
+            stored as their 16-bit patterns).
         groups : bool
             Whether rows carry an int64 group label (many-to-many positives).
         chunk_rows : int, optional
@@ -211,8 +240,10 @@ class PairStore:
         group = zarr.open_group(path, mode="w", zarr_format=3, attributes=attrs)
         zstd = zarr.codecs.ZstdCodec(level=3, checksum=True)
         for name, d in (("x", dim_x), ("y", dim_y)):
-            group.create_array(name, shape=(0, int(d)), chunks=(int(chunk_rows), int(d)), dtype=dtype,
-                               fill_value=np.nan, compressors=zstd, config=_WRITE_CONFIG)
+            bf16 = dtype == "bfloat16"
+            group.create_array(name, shape=(0, int(d)), chunks=(int(chunk_rows), int(d)),
+                               dtype="uint16" if bf16 else dtype, fill_value=_BF16_NAN_BITS if bf16 else np.nan,
+                               compressors=zstd, config=_WRITE_CONFIG)
         for name, wanted in (("groups", groups), ("labels", labels)):
             if wanted:
                 group.create_array(name, shape=(0,), chunks=(int(chunk_rows),), dtype="int64",
@@ -257,6 +288,7 @@ class PairStore:
     dim_x = property(lambda self: int(self._attrs["dim_x"]), doc="Columns of ``x``.")
     dim_y = property(lambda self: int(self._attrs["dim_y"]), doc="Columns of ``y``.")
     dtype = property(lambda self: str(self._attrs["dtype"]), doc="Storage dtype name.")
+    itemsize = property(lambda self: storage_itemsize(self.dtype), doc="Bytes per stored value.")
     has_groups = property(lambda self: bool(self._attrs["has_groups"]), doc="Whether rows carry group labels.")
     chunk_rows = property(lambda self: int(self._attrs["chunk_rows"]), doc="Rows per chunk (shard).")
     provenance = property(lambda self: dict(self._attrs["provenance"]), doc="Provenance given at creation.")
@@ -356,6 +388,8 @@ class PairStore:
 
     def _write(self, name: str, start: int, data: np.ndarray) -> None:
         arr = self._arrays[name]
+        if self.dtype == "bfloat16" and name in ("x", "y"):
+            data = _bf16_bits(data)
         stop = start + data.shape[0]
         if arr.shape[0] < stop:
             arr.resize((stop,) + tuple(arr.shape[1:]))
@@ -377,7 +411,7 @@ class PairStore:
             if a.dtype.kind == "f" and (bad := _bad_rows(a)).size:
                 raise ValueError(f"{name} has non-finite values in {_rows_text(bad, offset)}")
             with np.errstate(over="ignore", invalid="ignore"):
-                cast = a.astype(self.dtype)
+                cast = cast_to_storage(a, self.dtype)
             if (bad := _bad_rows(cast)).size:
                 raise ValueError(f"{name} has values out of range for {self.dtype} in {_rows_text(bad, offset)}")
             out[name] = cast
@@ -515,6 +549,8 @@ class PairStore:
                 except _DECODE_ERRORS as inner:
                     raise self._chunk_error(name, c, inner) from inner
             raise ValueError(f"pair store {self.path}: reading array {name!r} failed: {exc}") from exc
+        if self.dtype == "bfloat16" and name in ("x", "y"):
+            out = _bf16_values(out)
         if out.dtype.kind == "f" and not np.isfinite(out).all():
             bad = rows[_bad_rows(out.reshape(out.shape[0], -1))]
             raise self._chunk_error(name, int(bad[0]) // self.chunk_rows,
