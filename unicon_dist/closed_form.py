@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["truncated_svd", "closed_form_step", "damped_target", "tangent_projection", "FACTORIZATIONS"]
+__all__ = ["truncated_svd", "closed_form_step", "damped_target", "tangent_projection", "spectral_gap",
+           "fixed_point_residual", "FACTORIZATIONS"]
 
 FACTORIZATIONS = ("orthonormal", "sqrt")
 
@@ -96,7 +97,7 @@ def damped_target(C, W_prev: torch.Tensor, eta: float, scale: float):
 
 def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factorization: str = "orthonormal",
                      svd: str = "exact", oversampling: int = 10, n_power_iter: int = 2, seed: int = 0,
-                     return_singular_values: bool = False):
+                     return_singular_values: bool = False, return_info: bool = False):
     """Factors (F1, F2) of the maximiser of tr(Wᵀ C) − (ρ/2)‖W‖² over rank(W) ≤ r.
 
     Parameters
@@ -121,12 +122,21 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
 
     return_singular_values : bool
         Also return the top-r singular values of C (+ ridge).
+    return_info : bool
+        Also return a dict (last) describing the SVD: ``singular_values`` (top r),
+        ``spectral_gap`` σ_r/σ_{r+1} (inf when σ_{r+1} = 0; None when the randomized
+        sketch has no (r+1)-th value, i.e. no oversampling), ``residual`` the randomized
+        range finder's relative residual estimate ‖C − QQᵀC‖_F/‖C‖_F (see
+        :func:`~unicon_dist.randomized.randomized_svd`; None for the exact SVD) and
+        ``triplets`` (U, s, Vh): every triplet computed (all of them for the exact SVD,
+        the sketch's k for the randomized one), for diagnostics of C beyond rank r.
 
     Returns
     -------
     F1 : (r, m_x), F2 : (r, m_y)
         ndarrays for ndarray input, float64 tensors otherwise.
     s : (r,), only with ``return_singular_values``
+    info : dict, only with ``return_info``
     """
     from .randomized import randomized_svd
 
@@ -158,10 +168,18 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         else:
             C = C.clone()
             C.diagonal().add_(ridge)
+    r = int(rank)
     if svd == "exact":
-        U, s, Vh = truncated_svd(C, int(rank))
+        U, s, Vh = torch.linalg.svd(C, full_matrices=False)
+        triplets, residual = (U, s, Vh), None
+        U, Vh = _fix_signs(U[:, :r], Vh[:r])
+        s_all, s = s, s[:r]
     else:
-        U, s, Vh = randomized_svd(C, int(rank), oversampling, n_power_iter, seed)
+        U, s, Vh, sketch = randomized_svd(C, r, oversampling, n_power_iter, seed, return_info=True)
+        s_all, triplets = sketch["s_k"], (sketch["U_k"], sketch["s_k"], sketch["Vh_k"])
+        residual = sketch["residual"]
+    info = {"singular_values": s, "residual": residual, "triplets": triplets,
+            "spectral_gap": spectral_gap(s_all, r)}
     if factorization == "sqrt":
         root = torch.sqrt(s / rho)[:, None]
         F1, F2 = root * U.T, root * Vh
@@ -169,7 +187,46 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         F1, F2 = U.T.contiguous(), Vh.contiguous()
     if was_numpy:
         F1, F2, s = F1.cpu().numpy(), F2.cpu().numpy(), s.cpu().numpy()
-    return (F1, F2, s) if return_singular_values else (F1, F2)
+    out = (F1, F2, s) if return_singular_values else (F1, F2)
+    return (*out, info) if return_info else out
+
+
+def spectral_gap(s, rank: int):
+    """σ_r/σ_{r+1} of descending singular values ``s`` (inf when σ_{r+1} = 0, None without
+    an (r+1)-th value).  Near 1 the top-r subspace, and so the step, is ill-determined:
+    its perturbation bound (Wedin, 1972) scales as 1/(σ_r − σ_{r+1})."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    if s.numel() <= rank:
+        return None
+    nxt = float(s[rank])
+    return float(s[rank - 1]) / nxt if nxt > 0 else float("inf")
+
+
+def fixed_point_residual(C, F1, F2, rho: float, factorization: str = "sqrt") -> float:
+    """‖P_T(ρW − C)‖_F / ‖P_T(C)‖_F at W = F1ᵀF2: the stationarity residual of the step.
+
+    P_T is the tangent space of the rank-r manifold at W (:func:`tangent_projection`);
+    at a fixed point of W ↦ [C(W)]_r/ρ the tangent part of the gradient ρW − C of
+    R − tr(WᵀC) vanishes.  For the "orthonormal" factorization W has unit singular
+    values by construction, so W is replaced by Q_x(Q_xᵀCQ_y)Q_yᵀ/ρ, its best scaling on
+    its own subspaces: the residual is then ‖(I − Q_xQ_xᵀ)CQ_y‖ and ‖Q_xᵀC(I − Q_yQ_yᵀ)‖
+    together, zero iff W's subspaces are C's leading ones.  Orthonormal bases Q_x, Q_y of
+    W's column and row spaces come from the factors (QR of F1ᵀ, F2ᵀ), not from an SVD of W.
+    """
+    C = torch.as_tensor(np.asarray(C) if not isinstance(C, torch.Tensor) else C).double()
+    F1 = torch.as_tensor(F1).to(device=C.device, dtype=torch.float64)
+    F2 = torch.as_tensor(F2).to(device=C.device, dtype=torch.float64)
+    Qx, Qy = torch.linalg.qr(F1.T).Q, torch.linalg.qr(F2.T).Q
+    CQy, QxC = C @ Qy, Qx.T @ C
+    core = Qx.T @ CQy
+    # P_T(Z) = Q_xQ_xᵀZ + ZQ_yQ_yᵀ − Q_xQ_xᵀZQ_yQ_yᵀ, in pieces that never form m×m products twice
+    pt_c = Qx @ QxC + (CQy - Qx @ core) @ Qy.T
+    if factorization == "orthonormal":
+        diff = pt_c - Qx @ core @ Qy.T
+    else:
+        diff = pt_c - float(rho) * (F1.T @ F2)  # W lies in its own tangent space
+    denom = float(torch.linalg.norm(pt_c))
+    return float(torch.linalg.norm(diff)) / denom if denom > 0 else float("nan")
 
 
 def tangent_projection(W, Z, rank: int):

@@ -55,6 +55,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from .diagnostics import format_diagnostics
+
 __all__ = [
     "Job",
     "JobError",
@@ -144,6 +146,10 @@ def atomic_write_text(path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _type_name(v) -> str:
@@ -397,7 +403,7 @@ _MODEL_TYPES = {
     "factorization": (_STR,), "ridge": (_NUM,), "max_iter": (_INT,), "tol": (_NUM,), "svd": (_STR,),
     "center": (_BOOL,), "whiten": (_NUM, _BOOL), "loss_tol": (_NUM,), "damping": (_NUM,),
     "svd_oversampling": (_INT,), "svd_power_iter": (_INT,), "seed": (_INT,), "device": (_STR,),
-    "dtype": (_STR,), "memory_budget": (_INT, _STR), "verbose": (_BOOL,),
+    "dtype": (_STR,), "verify": (_STR, _INT), "memory_budget": (_INT, _STR), "verbose": (_BOOL,),
 }
 _CHECK = {
     _STR: lambda v: isinstance(v, str), _INT: _is_int, _NUM: _is_number,
@@ -812,6 +818,7 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
         ``format``, ``version``, ``job`` (:meth:`Job.to_dict`), ``started``/``finished``
         (UTC ISO times), ``fit`` (n_iter, converged, best_iteration, loss,
         initial_loss, svd_solver, feature counts), ``history`` (``model.history_``),
+        ``diagnostics`` (``model.diagnostics_``),
         ``timings`` (seconds: validate, fit, save, evaluate, total), ``evaluation``
         (:func:`unicon_dist.evaluation.evaluate_store` output or None), ``model_file``,
         ``checkpoint`` (None, or its ``path`` and ``resumed_after_iteration``: the
@@ -853,11 +860,14 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
     timings["fit"] = time.perf_counter() - t0
     for h in model.history_:
         echo(f"  iteration {h['iteration']:>3}  loss {h['loss']:.5f}  objective {h['objective']:.5f}  "
-             f"delta_w {h['delta_w']:.2e}  {h['seconds']:.2f}s")
+             f"delta_w {h['delta_w']:.2e}  gap {_num(h.get('spectral_gap'))}  "
+             f"residual {_num(h.get('input_residual'))}  {h['seconds']:.2f}s")
     kept = "the fixed point" if model.converged_ else (
         "lowest loss" if model.similarity == "cosine" else "lowest objective")
     echo(f"  stopped ({model.stop_reason_}) after {model.n_iter_} iterations in {timings['fit']:.1f}s; "
          f"kept iteration {model.best_iteration_} ({kept})")
+    for line in format_diagnostics(model.diagnostics_):
+        echo(f"  {line}")
 
     job.output.check_writable()
     t0 = time.perf_counter()
@@ -888,6 +898,7 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
             "n_features_x": model.n_features_x_, "n_features_y": model.n_features_y_,
         },
         "history": model.history_,
+        "diagnostics": model.diagnostics_,
         "timings": timings,
         "evaluation": evaluation,
         "model_file": str(job.output.model),

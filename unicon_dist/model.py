@@ -13,7 +13,8 @@ import torch
 
 from . import __version__
 from . import checkpoint as _ckpt
-from .closed_form import FACTORIZATIONS, closed_form_step, damped_target
+from .closed_form import FACTORIZATIONS, closed_form_step, damped_target, fixed_point_residual, spectral_gap
+from .diagnostics import solve_diagnostics
 from .kernels import Kernel, Linear, get_kernel, kernel_from_params, median_sample
 from .losses import get_loss, loss_from_params
 from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
@@ -24,6 +25,7 @@ from .rows import StoreRows, embed, features, inverse_norms
 from .versions import check_appended, store_provenance
 from .streamed import CrossProductOperator, make_batches
 from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
+from .verify import check_verify, verify_operator
 
 __all__ = ["UniCon"]
 
@@ -135,7 +137,14 @@ class UniCon:
     device : str
         Torch device of the tile arithmetic ("cpu", "cuda", ...).
     dtype : {"float32", "float64"}
-        Precision of the tiles; C and the SVD are always float64.
+        Precision of the tiles; C and the SVD are always float64.  (Stored inputs may
+        be narrower: a :class:`~unicon_dist.PairStore` holds float16 or bfloat16.)
+    verify : None, "full" or int
+        After the fit, recompute C at the kept encoders in float64 as well as in
+        ``dtype`` and compare them (:func:`unicon_dist.verify.verify_operator`): every
+        tile ("full", for small n) or a seeded sample of this many tiles.  The result is
+        ``diagnostics_["verify"]``.  Costs one statistics pass in each precision plus the
+        tiles compared; a fit through a Ray executor verifies on the driver.
     memory_budget : int, optional
         Bytes the similarity tiles may use (the planner picks tile sizes).
     verbose : bool
@@ -150,7 +159,14 @@ class UniCon:
         F1_ᵀ F2_, the bilinear map of the similarity (float64).
     history_ : list of dict
         Per iteration k: "iteration", "loss" (L at W_k), "objective" (L + (ρ/2)‖W_k‖²),
-        "delta_w" (‖W_k − W_{k−1}‖/‖W_k‖) and "seconds".
+        "delta_w" (‖W_k − W_{k−1}‖/‖W_k‖), "seconds" and "phases" (seconds per pass),
+        and the step's numerics: "spectral_gap" (σ_r/σ_{r+1} of C, or of the damped
+        target's sketch when C is matrix-free: "spectral_gap_of"), "svd_residual" (the
+        randomized range finder's estimate of ‖M − QQᵀM‖_F/‖M‖_F for the matrix M it
+        factored; None for LAPACK),
+        "input_residual" (the fixed-point residual ‖P_T(ρW − C)‖/‖P_T(C)‖ of the step's
+        input W_{k−1} against C(W_{k−1}); None at a cold first step) and "lse_min",
+        "lse_max", "log_space_batches" (pass 1's log-sum-exp statistics at W_{k−1}).
     initial_loss_ : float
         L at s = 0, where the iteration starts.
     loss_ : float
@@ -172,6 +188,14 @@ class UniCon:
         the Nyström map or None.
     svd_solver_ : str
         "exact" or "randomized", as chosen for the rank-r step.
+    diagnostics_ : dict
+        The solve's numerics (see :mod:`unicon_dist.diagnostics`): per view the
+        Nyström spectrum summary (condition number of K_LL, effective rank, eigenvalues
+        floored) and the whitening spectrum; the last step's spectral gap σ_r/σ_{r+1},
+        randomized-SVD residual and fixed-point residual; the range of the log-sum-exp
+        statistics; every safeguard that fired (also warned, naming it); with
+        ``verify``, the float64 comparison.  The per-iteration values are in
+        ``history_``.
 
     References
     ----------
@@ -210,6 +234,7 @@ class UniCon:
         seed: int = 0,
         device: str = "cpu",
         dtype: str = "float32",
+        verify=None,
         memory_budget: int | None = None,
         verbose: bool = False,
     ):
@@ -241,6 +266,7 @@ class UniCon:
         self.seed = seed
         self.device = device
         self.dtype = dtype
+        self.verify = verify
         self.memory_budget = memory_budget
         self.verbose = verbose
 
@@ -248,7 +274,8 @@ class UniCon:
     _PARAMS = (
         "rank", "kernel", "kernel_x", "kernel_y", "n_landmarks", "landmarks", "eig_floor", "center", "whiten", "loss",
         "temperature", "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "max_iter",
-        "tol", "loss_tol", "damping", "svd", "svd_oversampling", "svd_power_iter", "seed", "device", "dtype", "memory_budget", "verbose",
+        "tol", "loss_tol", "damping", "svd", "svd_oversampling", "svd_power_iter", "seed", "device", "dtype",
+        "verify", "memory_budget", "verbose",
     )
 
     def get_params(self, deep: bool = True) -> dict:
@@ -298,6 +325,7 @@ class UniCon:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {self.factorization!r}")
+        check_verify(self.verify)
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
@@ -344,7 +372,7 @@ class UniCon:
             Continue from ``checkpoint`` when it exists: the feature maps are restored
             rather than refitted and the iteration goes on after the checkpoint's
             iteration k (a finished fit is only restored).  The checkpoint must come from
-            a fit with the same options (``verbose`` aside) and data; otherwise a
+            a fit with the same options (``verbose`` and ``verify`` aside) and data; otherwise a
             ValueError names the first field that differs.  When the file does not exist
             the fit starts from scratch (logged at INFO).
 
@@ -397,7 +425,16 @@ class UniCon:
                             for m, F in ((self.map_x_, phi_x), (self.map_y_, phi_y)))
             self._start(loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
             self.data_ = {"source": "arrays", "n_rows": int(n), "dim_x": int(X.shape[1]), "dim_y": int(Y.shape[1])}
-            return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device)
+
+            def verifier_operator(F1, F2, precision):
+                # the verifier's operators: the fit's features, or all of it again in float64
+                if precision == dtype:
+                    return self._operator(phi_x, phi_y, F1, F2, groups)
+                phi = [self._features(A, fmap, precision) for A, fmap in ((X, self.map_x_), (Y, self.map_y_))]
+                return self._operator(*phi, F1, F2, groups)
+
+            return self._iterate(lambda F1, F2: self._operator(phi_x, phi_y, F1, F2, groups), device,
+                                 verifier_operator=verifier_operator, dtype=dtype)
 
     def refit(self, store=None, *, mode: str = "exact", warm_start: bool = True, refresh_maps: bool = False,
               executor=None) -> "UniCon":
@@ -502,14 +539,15 @@ class UniCon:
         C /= n
         # the same (damped) step the parent's iteration takes, from the parent's W
         self.svd_solver_, self._matrix_free = parent.svd_solver_, False
-        F1, F2, _ = self._step(C, torch.as_tensor(parent.W_, dtype=torch.float64, device=device),
-                               self.damping < 1, None, factors=(parent.F1_, parent.F2_))
+        F1, F2, _, step_diag = self._step(C, torch.as_tensor(parent.W_, dtype=torch.float64, device=device),
+                                          self.damping < 1, None, factors=(parent.F1_, parent.F2_))
         self.F1_, self.F2_ = F1.cpu().numpy(), F2.cpu().numpy()
         self.W_ = self.F1_.T @ self.F2_
         self.C_ = C.cpu().numpy()
         seconds = time.perf_counter() - t0
         # the loss over all rows would need the passes this mode avoids: only the new rows'
-        self.history_ = [{"iteration": 1, "loss_new_rows": loss_new, "seconds": seconds, "mode": "fast"}]
+        self.history_ = [{"iteration": 1, "loss_new_rows": loss_new, "seconds": seconds, "mode": "fast",
+                          **step_diag}]
         self.n_iter_, self.best_iteration_, self.converged_ = 1, 1, False
         self.stop_reason_ = "fast update"
         self.loss_ = self.initial_loss_ = float("nan")
@@ -520,6 +558,7 @@ class UniCon:
             "rows": [0, n], "new_rows": [n_old, n], "start": "fast", "iterations": 1, "converged": False,
             "seconds": seconds,
         }]
+        self.diagnostics_ = solve_diagnostics(self, None)
         return self
 
     def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype, maps=None, start=None,
@@ -561,7 +600,7 @@ class UniCon:
         itemsize = torch.finfo(dtype).bits // 8
         self.plan_ = executor.plan(
             n, dim_x=store.dim_x, dim_y=store.dim_y, features_x=mx, features_y=my, rank=int(self.rank),
-            itemsize=itemsize, store_itemsize=np.dtype(store.dtype).itemsize, memory_budget=self.memory_budget,
+            itemsize=itemsize, store_itemsize=store.itemsize, memory_budget=self.memory_budget,
         )
         if preprocess:
             def read_pair(rows):
@@ -590,7 +629,17 @@ class UniCon:
                 device=device, dtype=dtype, progress=LogProgress(logger, rows=n) if self.verbose else None,
             )
 
-        return self._iterate(make_operator, driver, init=start)
+        def verifier_operator(F1, F2, precision):
+            # on the driver, panel by panel, whatever executes the fit's passes
+            loader = StoreRows(str(store.path), self.map_x_, self.map_y_, F1, F2, str(self.similarity), precision,
+                               str(device), _store=store)
+            return LocalExecutor().cross_product_operator(
+                loader, n, (mx, my), int(self.rank), plan=self.plan_, loss=self.loss_fn_, negatives=self.negatives,
+                batch_split=self.batch_split, groups=groups, seed=self.seed,
+                norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None, device=device, dtype=precision,
+            )
+
+        return self._iterate(make_operator, driver, init=start, verifier_operator=verifier_operator, dtype=dtype)
 
     def _start(self, loss_fn, dx, dy, mx, my):
         if self.rank > min(mx, my):
@@ -600,8 +649,11 @@ class UniCon:
         self.n_features_x_, self.n_features_y_ = mx, my
         self.n_inputs_x_, self.n_inputs_y_ = dx, dy
 
-    def _iterate(self, make_operator, device, init=None):
+    def _iterate(self, make_operator, device, init=None, verifier_operator=None, dtype=None):
         """The fixed point: closed-form steps on the operators ``make_operator(F1, F2)`` gives.
+
+        ``verifier_operator(F1, F2, dtype)`` builds the operators of the ``verify`` option
+        (``dtype``: the fit's tile precision).
 
         Under ``fit(checkpoint=...)`` the state is written after every step.  Resuming
         after step k rebuilds the operator of the checkpoint's F1, F2: every pass is
@@ -610,7 +662,7 @@ class UniCon:
         """
         mx, my = self.n_features_x_, self.n_features_y_
         run = self.__dict__.get("_checkpoint_run")
-        start, finished, op = 1, False, None
+        start, finished, op, F1, F2 = 1, False, None, None, None
         if run is not None and run.header is not None:
             k, finished, F1, F2, W_prev, best = self._restore_fit_state(run, device)
             start, delta = k + 1, self.history_[-1]["delta_w"]
@@ -640,8 +692,9 @@ class UniCon:
             C = op if self._matrix_free else op.materialize()
             t_svd = time.perf_counter()
             damped = self.damping < 1 and (it > 1 or init is not None)
-            F1, F2, sigma_prev = self._step(C, W_prev, damped, sigma_prev, scale_known=it > 2 or init is not None,
-                                            factors=(F1, F2) if damped else None)
+            stats = getattr(op, "statistics", None) or {}
+            F1, F2, sigma_prev, step_diag = self._step(C, W_prev, damped, sigma_prev,
+                                                       scale_known=it > 2 or init is not None, factors=(F1, F2))
             # contiguous, like the arrays a resumed fit reads back, so that both multiply
             # the same memory layouts (BLAS results can depend on them)
             F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
@@ -660,7 +713,9 @@ class UniCon:
             seconds = time.perf_counter() - t0
             self.history_.append(
                 {"iteration": it, "loss": op.loss, "objective": objective, "delta_w": delta, "seconds": seconds,
-                 "phases": phases, "sigma_mean": sigma_prev}
+                 "phases": phases, "sigma_mean": sigma_prev, **step_diag,
+                 "lse_min": stats.get("lse_min"), "lse_max": stats.get("lse_max"),
+                 "log_space_batches": stats.get("log_space_batches")}
             )
             if self.verbose:
                 logger.info("iteration %d: loss %.6g, delta_w %.3e, %.2fs (%s)", it, op.loss, delta, seconds,
@@ -717,15 +772,28 @@ class UniCon:
         self.F1_ = F1.cpu().numpy()
         self.F2_ = F2.cpu().numpy()
         self.W_ = W.cpu().numpy()
+        verification = None
+        if self.verify is not None and verifier_operator is not None:
+            work = verifier_operator(F1, F2, dtype)
+            reference = verifier_operator(F1, F2, torch.float64)
+            verification = verify_operator(work, reference, self.verify, rank=int(self.rank), seed=self.seed)
+            work.release()
+            reference.release()
+        self.diagnostics_ = solve_diagnostics(self, verification)
         return self
 
     def _step(self, C, W_prev, damped: bool, sigma_prev, scale_known: bool = True, factors=None):
         """One closed-form step: the factors of [C]_r/ρ, or of the damped target M (see ``damping``).
 
-        ``factors``: (F1, F2) of W_prev when known (its singular values then cost r×r work).
-        Returns (F1, F2, mean of the top-r singular values of the matrix factored).
+        ``factors``: (F1, F2) of W_prev when known (its singular values then cost r×r work;
+        without them, e.g. at a cold first step, the input has no fixed-point residual).
+        Returns (F1, F2, mean of the top-r singular values of the matrix factored, the
+        step's diagnostics: spectral gap, SVD residual, fixed-point residual of W_prev).
         """
         rank = int(self.rank)
+        svals_c = None
+        if factors is not None and factors[0] is None:
+            factors = None
         if damped and self.factorization == "sqrt" and self.similarity == "dot":
             scale = float(self.rho)  # the proximal gradient step on L + R
         elif damped:
@@ -736,7 +804,8 @@ class UniCon:
             # iteration converges (it only sets the step length).  The s = 0 step's C is on
             # another scale, so the step after it sketches C once more (``scale_known`` False).
             if not self._matrix_free:
-                c_scale = float(torch.linalg.svdvals(C.to(torch.float64))[:rank].mean())
+                svals_c = torch.linalg.svdvals(self._ridged(C))
+                c_scale = float(svals_c[:rank].mean())
             elif scale_known:
                 c_scale = sigma_prev
             else:
@@ -750,12 +819,36 @@ class UniCon:
             damped = w_scale > 0
             scale = c_scale / w_scale if damped else None
         target = damped_target(C, W_prev, float(self.damping), scale) if damped else C
-        F1, F2, sig = closed_form_step(
+        F1, F2, sig, info = closed_form_step(
             target, rank, self.rho, self.ridge, self.factorization, svd=self.svd_solver_,
             oversampling=int(self.svd_oversampling), n_power_iter=int(self.svd_power_iter), seed=self.seed,
-            return_singular_values=True,
+            return_singular_values=True, return_info=True,
         )
         sigma = float(sig.mean())
+        diag = {"svd_residual": info["residual"]}
+        if not self._matrix_free:
+            if damped and svals_c is None:
+                svals_c = torch.linalg.svdvals(self._ridged(C))
+            diag["spectral_gap"] = info["spectral_gap"] if not damped else spectral_gap(svals_c, rank)
+            diag["spectral_gap_of"] = "C"
+        else:
+            diag["spectral_gap"] = info["spectral_gap"]
+            diag["spectral_gap_of"] = "damped target (sketch)" if damped else "C (sketch)"
+        diag["input_residual"] = None
+        if factors is not None:
+            if self._matrix_free:
+                # C from the sketch of the matrix factored: M = ηC + βW_prev, so C = (M − βW_prev)/η;
+                # accurate to the sketch's residual (recorded with it)
+                U, s_k, Vh = info["triplets"]
+                C_est = (U * s_k[None, :]) @ Vh
+                if damped:
+                    eta = float(self.damping)
+                    C_est = (C_est - (1.0 - eta) * scale * W_prev.to(C_est)) / eta
+                    if self.ridge:  # the sketch is of M + ridge·I: keep C + ridge·I
+                        C_est.diagonal().sub_(float(self.ridge) * (1.0 / eta - 1.0))
+            else:
+                C_est = self._ridged(C)
+            diag["input_residual"] = fixed_point_residual(C_est, *factors, self.rho, self.factorization)
         if damped and self.factorization == "sqrt" and self.similarity == "cosine":
             # L is blind to the scale of W here, and C scales as 1/scale(W): the plain map
             # flips the scale (c -> σ̄(C)/ρ ∝ 1/c) every step.  Its fixed-point scale given
@@ -763,7 +856,15 @@ class UniCon:
             target_scale = math.sqrt(c_scale * w_scale / float(self.rho))
             gain = math.sqrt(target_scale / (sigma / float(self.rho)))
             F1, F2 = F1 * gain, F2 * gain
-        return F1, F2, sigma
+        return F1, F2, sigma, diag
+
+    def _ridged(self, C) -> torch.Tensor:
+        """C + ridge·I (leading diagonal) in float64: the matrix an undamped step factors."""
+        C = C.to(torch.float64)
+        if self.ridge:
+            C = C.clone()
+            C.diagonal().add_(float(self.ridge))
+        return C
 
     # ---------------------------------------------------------- checkpoints
     @contextlib.contextmanager
@@ -793,12 +894,12 @@ class UniCon:
     def _fingerprint(self, loss_fn, data: dict) -> dict:
         """What a checkpoint must match to be resumed: the options, then the data.
 
-        ``verbose`` is left out (it changes no number).  Scalar options come before the
+        ``verbose`` and ``verify`` are left out (they change no number).  Scalar options come before the
         loss and kernel objects, so that a changed temperature is reported as such rather
         than as the loss that carries it.
         """
         params = self._params_json(loss_fn)
-        del params["verbose"]
+        del params["verbose"], params["verify"]  # neither changes a number of the fit
         ordered = sorted(params, key=lambda k: isinstance(params[k], dict))
         return {**{k: params[k] for k in ordered}, **data}
 
@@ -998,6 +1099,7 @@ class UniCon:
             "best_iteration": self.best_iteration_,
             "data": getattr(self, "data_", None),
             "lineage": getattr(self, "lineage_", []),
+            "diagnostics": getattr(self, "diagnostics_", None),
         }
         return atomic_save_npz(path, header, arrays)
 
@@ -1024,6 +1126,8 @@ class UniCon:
                 fmap = fmap.base
             if fmap is not None:
                 spec.update(kernel=fmap.kernel.params(), eig_floor=fmap.eig_floor)
+                if fmap.spectrum is not None:
+                    spec["spectrum"] = fmap.spectrum
                 arrays[f"landmarks_{side}"] = fmap.landmarks.cpu().numpy()
                 arrays[f"normalization_{side}"] = fmap.normalization.cpu().numpy()
             maps[side] = spec
@@ -1043,6 +1147,7 @@ class UniCon:
                 torch.as_tensor(arrays[f"landmarks_{side}"], device=device),
                 torch.as_tensor(arrays[f"normalization_{side}"], device=device),
                 float(spec["eig_floor"]),
+                spec.get("spectrum"),
             )
             if "whitening" in spec:
                 stage_arrays = {k: arrays[f"whitening_{k}_{side}"] for k in ("mean", "matrix")
@@ -1083,6 +1188,7 @@ class UniCon:
         model.best_iteration_ = int(header["best_iteration"])
         model.data_ = header.get("data")
         model.lineage_ = header.get("lineage", [])
+        model.diagnostics_ = header.get("diagnostics")
         model.C_ = arrays.get("C")
         return model
 

@@ -19,7 +19,7 @@ import torch
 from .kernels import Kernel, get_kernel
 from .planning import plan_feature_rows
 
-__all__ = ["NystroemMap", "select_landmarks", "uniform_landmarks", "LANDMARK_METHODS"]
+__all__ = ["NystroemMap", "select_landmarks", "uniform_landmarks", "spectrum_summary", "LANDMARK_METHODS"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,31 @@ def _ridge_leverage(kernel: Kernel, X: torch.Tensor, m: int, rng: np.random.Gene
     return rng.choice(n, m, replace=False, p=p)
 
 
+def spectrum_summary(evals, eig_floor: float) -> dict:
+    """What the eigenvalue floor did to a K_LL with eigenvalues ``evals`` (float64, any order).
+
+    Returns a JSON-able dict: ``n_landmarks`` m; ``largest`` and ``smallest`` eigenvalue;
+    ``condition_number`` λ_max/λ_min (inf when λ_min ≤ 0: K_LL is singular in float64);
+    ``effective_rank`` the eigenvalues kept (> ``eig_floor``·λ_max), the feature count;
+    ``n_floored`` the eigenvalues dropped; ``condition_kept`` λ_max over the smallest kept
+    eigenvalue, the amplification 1/√λ puts into the map is its square root.
+    """
+    evals = torch.as_tensor(evals, dtype=torch.float64)
+    top, low = float(evals.max()), float(evals.min())
+    keep = evals > eig_floor * top
+    kept_min = float(evals[keep].min()) if bool(keep.any()) else float("nan")
+    return {
+        "n_landmarks": int(evals.numel()),
+        "largest": top,
+        "smallest": low,
+        "condition_number": top / low if low > 0 else float("inf"),
+        "effective_rank": int(keep.sum()),
+        "n_floored": int((~keep).sum()),
+        "condition_kept": top / kept_min,
+        "eig_floor": float(eig_floor),
+    }
+
+
 def uniform_landmarks(n: int, m: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of ``m`` of ``n`` rows drawn uniformly without replacement (seeded)."""
     return np.sort(np.random.default_rng(seed).choice(n, m, replace=False))
@@ -134,19 +159,23 @@ class NystroemMap:
     normalization : torch.Tensor, shape (m, k), float64
         U_k Λ_k^{-1/2} from the eigendecomposition of K_LL.
     eig_floor : float
+    spectrum : dict or None
+        Summary of the eigenvalues of K_LL (see :func:`spectrum_summary`), recorded when
+        the map is built; None for a map restored from a file that predates it.
     """
 
     kernel: Kernel
     landmarks: torch.Tensor
     normalization: torch.Tensor
     eig_floor: float = 1e-10
+    spectrum: dict | None = None
 
     @property
     def n_features(self) -> int:
         return int(self.normalization.shape[1])
 
     @staticmethod
-    def _fit_map(kernel: Kernel, L: torch.Tensor, eig_floor: float) -> torch.Tensor:
+    def _fit_map(kernel: Kernel, L: torch.Tensor, eig_floor: float, spectrum: dict | None = None) -> torch.Tensor:
         K = kernel(L.double(), L.double())
         K = 0.5 * (K + K.T)
         evals, evecs = torch.linalg.eigh(K)
@@ -154,6 +183,8 @@ class NystroemMap:
         if not top > 0:
             raise ValueError("the landmark kernel matrix K_LL is zero: all landmarks are degenerate for this kernel")
         keep = evals > eig_floor * top
+        if spectrum is not None:
+            spectrum.update(spectrum_summary(evals, eig_floor))
         return evecs[:, keep] / torch.sqrt(evals[keep])[None, :]
 
     @classmethod
@@ -178,7 +209,8 @@ class NystroemMap:
             raise ValueError(f"eig_floor must be in [0, 1), got {eig_floor}")
         L = torch.as_tensor(L).double()
         m = L.shape[0]
-        norm = cls._fit_map(kernel, L, eig_floor)
+        spectrum = {}
+        norm = cls._fit_map(kernel, L, eig_floor, spectrum)
         if norm.shape[1] < m:
             warnings.warn(
                 f"Nyström map of {name}: K_LL has effective rank {norm.shape[1]} of {m} landmarks "
@@ -187,7 +219,7 @@ class NystroemMap:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return cls(kernel, L, norm, eig_floor)
+        return cls(kernel, L, norm, eig_floor, spectrum)
 
     def transform(self, X, block: int | None = None, dtype=None) -> torch.Tensor:
         """Φ(X) = K(X, L) U_k Λ_k^{-1/2}, computed in row blocks; float64 unless ``dtype``.

@@ -165,6 +165,7 @@ class DistributedOperator:
         self._call("set_stats", lambda w: (self._stats_ref,))
         self._driver.set_stats(stats)
         self.loss = self._driver.loss
+        self.statistics = self._driver.statistics
         self._seconds = {"statistics": time.perf_counter() - t0, "product": 0.0}
 
     def _call(self, method, args_of):

@@ -397,6 +397,7 @@ class CrossProductOperator:
         for b, st in zip(self._batches, stats):
             b.stats = st
         self.loss = float(sum(b.stats["loss_sum"] for b in self._batches) / (2 * self.n))
+        self.statistics = statistics_summary(stats)
 
     def _make_batch(self, key, labels, rows) -> _Batch:
         if rows is None and labels is None:
@@ -936,6 +937,46 @@ class CrossProductOperator:
             g = torch.where(m, val, g)
         return g
 
+    # ------------------------------------------------------ single tiles
+    def tile_keys(self) -> list[tuple]:
+        """Every tile of a :meth:`materialize` pass over the panels this instance owns, as
+        (batch, row panel, column panel, i0, i1, j0, j1) with positions inside the batch.
+
+        Tiles of a constant batch (s ≡ 0, the first step) are not listed: that pass never
+        forms them (see ``_cross_constant``).
+        """
+        keys = []
+        width = self.rank + min(self.shape)
+        for b in self._batches:
+            if "constant" in b.stats:
+                continue
+            plan = self._plan(b.n, width, b.pos)
+            br, bc = plan.block_rows, plan.block_cols
+            for kp in self._owned(b):
+                p0, p1 = b.panels[kp]
+                for kq, (q0, q1) in enumerate(b.panels):
+                    for i0 in range(p0, p1, br):
+                        for j0 in range(q0, q1, bc):
+                            keys.append((b.key, kp, kq, i0, min(i0 + br, p1), j0, min(j0 + bc, q1)))
+        return keys
+
+    def tile_product(self, key) -> torch.Tensor:
+        """One tile's part of C, Φ_X[I]ᵀ S[I, J] Φ_Y[J] (float64, formed in the tile dtype),
+        for a ``key`` of :meth:`tile_keys`; the parts of all keys sum to :meth:`materialize`."""
+        bk, kp, kq, i0, i1, j0, j1 = key
+        b = self._batches[bk]
+        P = self._load(b, kp)
+        Q = P if kq == kp else self._load(b, kq)
+        tile = self._tile_exp if self._exp else self._tile_general
+        G = tile(b, P, Q, i0, i1, j0, j1)
+        part = P.phi_x[P.local(i0, i1)].T @ (G @ Q.phi_y[Q.local(j0, j1)])
+        return -part.double() / (2 * self.n)
+
+    def batch_rows(self, key: int, p0: int, p1: int) -> np.ndarray:
+        """The source row numbers at positions p0:p1 of batch ``key`` (for error messages)."""
+        rows = self._batches[key].rows
+        return np.arange(p0, p1) if rows is None else np.asarray(rows[p0:p1])
+
     # --------------------------------------------------------- public products
     def _timed_product(self, omega_x=None, omega_y=None) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -956,6 +997,28 @@ class CrossProductOperator:
         """Cᵀ Ω without forming C: (Ωᵀ Φ_Xᵀ S Φ_Y)ᵀ; Ω has shape (m_x, k)."""
         omega = torch.as_tensor(omega, device=self.device).to(self.dtype)
         return self._timed_product(omega_x=omega).T
+
+
+def statistics_summary(stats: list[dict]) -> dict:
+    """Range of pass 1's log-sum-exp statistics, and whether the overflow guard fired.
+
+    ``lse_min``/``lse_max``: the extremes of log Σ_{j∉P(i)} e^{s_ij/τ} over every row and
+    column of every batch (finite values; None for a general ψ, whose pass 1 keeps plain
+    sums).  ``log_space_batches``: batches whose statistics were kept in log space because
+    e^{s/τ} could overflow the tile dtype (see ``CrossProductOperator._direct``).
+    """
+    lo, hi, log_space = math.inf, -math.inf, 0
+    for st in stats:
+        if "lneg_row" not in st:
+            continue
+        log_space += not st["direct"]
+        for key in ("lneg_row", "lneg_col"):
+            v = st[key][torch.isfinite(st[key])]
+            if v.numel():
+                lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    finite = lo <= hi
+    return {"lse_min": lo if finite else None, "lse_max": hi if finite else None,
+            "log_space_batches": log_space, "batches": len(stats)}
 
 
 def _cut_panels(sorted_labels, n: int, panel_rows: int) -> list[tuple[int, int]]:

@@ -104,6 +104,7 @@ class FeatureWhitening:
         sigma = moments.covariance(center)
         evals, evecs = torch.linalg.eigh(sigma)
         # round-off can leave tiny negative eigenvalues of a PSD matrix: clip them
+        clipped = int((evals < 0).sum())
         evals = evals.clamp_min(0.0)
         shift = float(ridge) * float(evals.sum()) / m
         if not shift > 0:
@@ -112,6 +113,7 @@ class FeatureWhitening:
         spectrum = {
             "largest": float(evals[-1]), "smallest": float(evals[0]), "mean": float(evals.mean()),
             "condition_regularised": float((evals[-1] + shift) / (evals[0] + shift)),
+            "shift": shift, "n_clipped": clipped,
         }
         return cls(base, mean, 0.5 * (matrix + matrix.T), float(ridge), spectrum)
 
