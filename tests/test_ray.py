@@ -66,6 +66,12 @@ def test_ray_fit_equals_local_fit(stores, executors, name, options, workers):
     assert local.plan_.panel_rows < len(stores[name])
     np.testing.assert_allclose(dist.W_, local.W_, rtol=0, atol=1e-6 * np.abs(local.W_).max())
     np.testing.assert_allclose([h["loss"] for h in dist.history_], [h["loss"] for h in local.history_], rtol=1e-6)
+    # the diagnostics come through the distributed passes too (pass 1's statistics are merged
+    # on the driver) and agree with the local ones
+    for key in ("lse_min", "lse_max", "spectral_gap"):
+        a, b = [h[key] for h in dist.history_], [h[key] for h in local.history_]
+        assert None not in a or options.get("loss") == "triplet"
+        np.testing.assert_allclose(np.array(a, dtype=float), np.array(b, dtype=float), rtol=1e-5)
 
 
 def test_a_killed_worker_is_replaced_and_the_model_is_unchanged(stores, tmp_path):

@@ -7,7 +7,7 @@ The public interface is listed in DESIGN §5; everything here is importable as
 __version__ = "0.1.0"
 
 from . import kernels, losses, nystrom
-from .closed_form import closed_form_step, tangent_projection, truncated_svd
+from .closed_form import closed_form_step, fixed_point_residual, spectral_gap, tangent_projection, truncated_svd
 from .dense import contrastive_loss, similarity_weights
 from .executors import LocalExecutor
 from .ray_executor import RayExecutor
@@ -37,6 +37,8 @@ __all__ = [
     "closed_form_step",
     "truncated_svd",
     "tangent_projection",
+    "fixed_point_residual",
+    "spectral_gap",
     "UniCon",
     "retrieval_metrics",
     "plan_tiles",
