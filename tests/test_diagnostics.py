@@ -122,9 +122,12 @@ def test_a_converged_fit_has_a_vanishing_residual_in_its_history():
     assert model.converged_
     res = [h["input_residual"] for h in model.history_]
     assert res[0] is None and res[-1] < 1e-6 < res[1]
-    gap = model.history_[-1]["spectral_gap"]
-    C = model._ridged(torch.as_tensor(model.C_)) if model.C_ is not None else None
-    assert gap == pytest.approx(spectral_gap(torch.linalg.svdvals(C), 2), rel=1e-6)
+    # the proximal step factors M = ηC + (1 − η)ρW; at the fixed point ρW = [C]_r, so M keeps
+    # C's top r singular values and scales the rest by η: its gap is σ_r / (η σ_{r+1})
+    last = model.history_[-1]
+    s = torch.linalg.svdvals(torch.as_tensor(model.C_))
+    assert last["spectral_gap_of"] == "damped target"
+    assert last["spectral_gap"] == pytest.approx(float(s[1] / (model.damping * s[2])), rel=1e-6)
 
 
 # ----------------------------------------------------------- log-sum-exp statistics

@@ -826,11 +826,12 @@ class UniCon:
         )
         sigma = float(sig.mean())
         diag = {"svd_residual": info["residual"]}
-        if not self._matrix_free:
-            if damped and svals_c is None:
-                svals_c = torch.linalg.svdvals(self._ridged(C))
+        if not self._matrix_free and (not damped or svals_c is not None):
             diag["spectral_gap"] = info["spectral_gap"] if not damped else spectral_gap(svals_c, rank)
             diag["spectral_gap_of"] = "C"
+        elif not self._matrix_free:  # the proximal step ("dot", "sqrt") never needs C's own spectrum
+            diag["spectral_gap"] = info["spectral_gap"]
+            diag["spectral_gap_of"] = "damped target"
         else:
             diag["spectral_gap"] = info["spectral_gap"]
             diag["spectral_gap_of"] = "damped target (sketch)" if damped else "C (sketch)"
