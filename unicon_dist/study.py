@@ -479,13 +479,10 @@ def round_to_storage(a, storage_dtype: str | None) -> np.ndarray:
         return a
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
-    a = np.asarray(a)
-    if storage_dtype in ("float64", "float32"):
-        return a.astype(storage_dtype)
-    import torch
+    from .store import cast_to_storage  # what a pair store of that dtype would return
 
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.to(getattr(torch, storage_dtype)).to(torch.float32).numpy()
+    out = cast_to_storage(np.asarray(a), storage_dtype)
+    return out.astype(np.float32) if out.dtype == np.float16 else out
 
 
 def _peak_rss_mib(reset: bool = False) -> float | None:
