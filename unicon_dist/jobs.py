@@ -152,6 +152,17 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
+def split_tables(raw: dict, valid, errors: list[str]) -> dict:
+    """The tables ``valid`` of a parsed TOML file ({} for an absent or malformed one),
+    appending to ``errors`` a line per unknown top-level key and per key that is no table."""
+    for key, value in raw.items():
+        if key not in valid:
+            errors.append(f"unknown table [{key}]; valid tables: {', '.join('[' + t + ']' for t in valid)}")
+        elif not isinstance(value, dict):
+            errors.append(f"{key} must be a table [{key}], got {_type_name(value)}")
+    return {t: raw.get(t, {}) if isinstance(raw.get(t, {}), dict) else {} for t in valid}
+
+
 def _type_name(v) -> str:
     return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
         type(v), type(v).__name__
@@ -574,12 +585,7 @@ def load_job(path, *, resume: bool = False) -> Job:
     base = path.resolve().parent
     errors: list[str] = []
 
-    for key, value in raw.items():
-        if key not in _TABLES:
-            errors.append(f"unknown table [{key}]; valid tables: {', '.join('[' + t + ']' for t in _TABLES)}")
-        elif not isinstance(value, dict):
-            errors.append(f"{key} must be a table [{key}], got {_type_name(value)}")
-    tables = {t: raw.get(t, {}) if isinstance(raw.get(t, {}), dict) else {} for t in _TABLES}
+    tables = split_tables(raw, _TABLES, errors)
     for required in ("data", "output"):
         if required not in raw:
             errors.append(f"missing table [{required}]")

@@ -64,7 +64,7 @@ import numpy as np
 
 from .jobs import (
     JobError, StoreInfo, _check_model, _check_model_against_store, _is_int, _is_number, _model_kwargs,
-    _model_param_names, _open_store, _resolve, _type_name, _unknown, atomic_write_text,
+    _model_param_names, _open_store, _resolve, _type_name, _unknown, atomic_write_text, split_tables,
 )
 
 __all__ = [
@@ -437,12 +437,7 @@ def load_study(path) -> Study:
     raw = _read_toml(path)
     base = path.resolve().parent
     errors: list[str] = []
-    for key, value in raw.items():
-        if key not in _TABLES:
-            errors.append(f"unknown table [{key}]; valid tables: {', '.join('[' + t + ']' for t in _TABLES)}")
-        elif not isinstance(value, dict):
-            errors.append(f"{key} must be a table [{key}], got {_type_name(value)}")
-    tables = {t: raw.get(t, {}) if isinstance(raw.get(t, {}), dict) else {} for t in _TABLES}
+    tables = split_tables(raw, _TABLES, errors)
     errors += [f"missing table [{t}]" for t in ("data", "study") if t not in raw]
 
     train, test, eval_rows = _check_data(tables["data"], base, errors)
