@@ -3,8 +3,8 @@
 Every configuration is solved twice on Fashion-MNIST halves (392 + 392 pixels, seeded
 training subsets): as configured (tiles in float32 unless the row says otherwise, inputs in
 their storage precision) and in float64 (``dtype="float64"``, float64 inputs: the exact
-pixel values k/255).  Rank r = 32, ``max_iter`` 8 (at n = 10,000 and τ 0.1 the library's 30
-does not stop earlier either, and would quadruple the run), the library's defaults otherwise.  Recorded per row:
+pixel values k/255).  Rank r = 32, ``max_iter`` 6 (at n = 10,000 and τ 0.1 the library's 30
+does not stop earlier either, and would quintuple the run), the library's defaults otherwise.  Recorded per row:
 
 - the verifier's relative error of C and of its top-r singular values
   (``UniCon(verify=...)``: the working operator against its float64 twin over the same
@@ -31,8 +31,9 @@ Sweeps (``run`` takes any of them; default all):
     tile dtype float32 / float64; linear kernel, n = 10,000.  All against the float64 solve
     of the unrounded inputs (the verifier only sees the tile arithmetic).
 ``tau``
-    τ ∈ {1, 0.3, 0.1, 0.05, 0.03, 0.01}, cosine similarity; and τ ∈ {0.03, 0.01} with
-    ``similarity="dot"``.  float32 tiles, linear, n = 10,000.
+    τ ∈ {1, 0.3, 0.1, 0.05, 0.03, 0.01}, cosine similarity; and τ = 0.01 with
+    ``similarity="dot"`` (whose |s|/τ overflows float32 at every τ tried, 0.05 to 0.01: one
+    row suffices, and each costs about two minutes).  float32 tiles, linear, n = 10,000.
 ``n``
     n ∈ {1,000, 4,000, 10,000, 16,000} with full negatives and 60,000 with ``negatives=4096``.
 ``nystrom``
@@ -41,7 +42,9 @@ Sweeps (``run`` takes any of them; default all):
     same eigenvalues of K_LL as another floor (in both the float32 and the float64 solve)
     give the same map bit for bit, hence the same solve: such rows are solved once and say
     ``same as``.  At m = 2048 the verifier compares a seeded sample of 16 tiles (each of its
-    tiles forms a 2048 × 2048 part of C: the full check costs 22 s).
+    tiles forms a 2048 × 2048 part of C: the full check costs 22 s).  Also the first step at
+    m = 2048 in float64 with ``svd="exact"`` against ``svd="auto"`` (which picks the
+    matrix-free randomized SVD above 1024 features): how far apart the two rank-r solutions are.
 ``bandwidth``
     RBF with bandwidth c × h, h the median-heuristic bandwidth of each view (as
     ``Kernel.resolve`` sets it on the training rows), c ∈ {0.1, 0.3, 1, 3, 10, 30};
@@ -108,7 +111,7 @@ from unicon_dist.study import round_to_storage  # noqa: E402
 SWEEPS = ("precision", "tau", "n", "nystrom", "bandwidth", "duplicates", "safeguards")
 STORAGES = ("float64", "float32", "float16", "bfloat16")
 TAUS = (1.0, 0.3, 0.1, 0.05, 0.03, 0.01)
-DOT_TAUS = (0.03, 0.01)
+DOT_TAUS = (0.01,)
 FLOORS = (0.0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4)
 DEFAULT_FLOOR = 1e-10
 BANDWIDTH_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -134,7 +137,7 @@ class Scale:
     dup_landmarks: int = 512
     accumulation_n: tuple = (10_000, 60_000)
     rank: int = 32
-    max_iter: int = 8
+    max_iter: int = 6
 
     def base(self) -> dict:
         return dict(rank=self.rank, max_iter=self.max_iter, seed=SEED)
@@ -471,6 +474,20 @@ def nystrom_cases(s: Scale) -> list[Case]:
     return sorted(cases, key=lambda c: (c.config["n_landmarks"], c.config["eig_floor"]))
 
 
+def kernel_values(X: np.ndarray, bandwidth: float, m: int) -> dict:
+    """How small K(X, L) gets for view X at a bandwidth (L: the landmarks a fit draws), and what
+    float32 keeps of it: the rows' largest kernel value (median, and the fraction below 1e-6),
+    and the fractions of entries that are 0 or subnormal once cast to float32."""
+    Xt = torch.as_tensor(X).double()
+    L = Xt[torch.as_tensor(uniform_landmarks(len(X), m, SEED))]
+    K = ud.get_kernel("rbf", bandwidth=bandwidth)(Xt, L)
+    K32 = K.float()
+    top = K.max(1).values
+    return {"median_row_max": float(top.median()), "rows_max_below_1e-6": float((top < 1e-6).double().mean()),
+            "float32_zero": float((K32 == 0).double().mean()),
+            "float32_subnormal": float(((K32 != 0) & (K32.abs() < torch.finfo(torch.float32).tiny)).double().mean())}
+
+
 def bandwidth_cases(s: Scale) -> list[Case]:
     X, Y = stored(s.n, s.n_test, "float32").ref[:2]
     h = [ud.get_kernel("rbf").resolve(torch.as_tensor(A), seed=SEED).bandwidth for A in (X, Y)]
@@ -480,7 +497,8 @@ def bandwidth_cases(s: Scale) -> list[Case]:
         kernels = ({"kernel": "rbf"} if c == 1 else
                    dict(zip(("kernel_x", "kernel_y"), (ud.get_kernel("rbf", bandwidth=c * hv) for hv in h))))
         cases.append(Case("bandwidth", f"c {c:g}", {"factor": c, "bandwidth": [c * h[0], c * h[1]],
-                                                    "median_bandwidth": h},
+                                                    "median_bandwidth": h,
+                                                    "kernel_x": kernel_values(X, c * h[0], s.bandwidth_landmarks)},
                           lambda: stored(s.n, s.n_test, "float32"),
                           {**kernels, "n_landmarks": s.bandwidth_landmarks}))
     return cases
@@ -577,6 +595,32 @@ def accumulation(model, n: int, s: Scale) -> dict:
     return row
 
 
+def svd_check(s: Scale) -> dict:
+    """The first step (s = 0, regularised CCA on the whitened RBF features) at the largest m, in
+    float64, by LAPACK and by ``svd="auto"`` (the matrix-free randomized SVD above 1024 features)."""
+    arrays = stored(s.n, s.n_test, "float32").ref
+    m = max(s.landmarks)
+    solves = {}
+    for svd in ("exact", "auto"):
+        options = {**s.base(), "kernel": "rbf", "n_landmarks": m, "max_iter": 1, "svd": svd, "dtype": "float64"}
+        solves[svd] = solve(options, arrays)
+    a, b = solves["exact"], solves["auto"]
+    out = {"sweep": "nystrom", "kind": "svd check", "label": f"first step, m {m}: svd exact vs auto",
+           "config": {"n_landmarks": m, "n": s.n}, "exact": a.record, "auto": b.record}
+    if a.model is not None and b.model is not None:
+        sv = {k: np.linalg.svd(v.model.W_, compute_uv=False)[: s.rank + 1].tolist() for k, v in solves.items()}
+        out["comparison"] = {
+            "w_rel_error": relative(b.model.W_, a.model.W_),
+            "w_angle_deg": max(max_angle_deg(b.model.F1_.T, a.model.F1_.T),
+                               max_angle_deg(b.model.F2_.T, a.model.F2_.T)),
+            "emb_rel_error": relative(b.zx @ b.zy.T, a.zx @ a.zy.T),
+            "singular_values_of_W": sv,
+        }
+    print(f"[nystrom] svd check m={m}: " + json.dumps({k: v for k, v in out.get("comparison", {}).items()
+                                                      if k != "singular_values_of_W"}), flush=True)
+    return out
+
+
 CASES = {"precision": precision_cases, "tau": tau_cases, "n": n_cases, "nystrom": nystrom_cases,
          "bandwidth": bandwidth_cases, "duplicates": duplicates_cases}
 
@@ -597,11 +641,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def save(path: Path, sweep: str, rows: list[dict], timing: dict, scale: Scale) -> None:
+def save(path: Path, sweep: str, rows: list[dict], timing: dict, scale: Scale, commit: str) -> None:
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": {}}
     data["rows"] = [r for r in data["rows"] if r["sweep"] != sweep] + rows
     data["runs"][sweep] = {**timing, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                           "commit": git_commit(), "machine": H.machine_line(), "scale": scale.__dict__}
+                           "commit": commit, "machine": H.machine_line(), "scale": scale.__dict__}
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -613,7 +657,8 @@ def run(args) -> int:
     scale = QUICK if args.quick else FULL
     path = results_path(args.quick)
     runner = Runner(scale)
-    print(H.machine_line(), git_commit(), file=sys.stderr)
+    commit = git_commit()  # the code this process imported (HEAD may move while it runs)
+    print(H.machine_line(), commit, file=sys.stderr)
     t_all, cpu_all = time.perf_counter(), H.cpu_s()
     for sweep in args.sweeps or SWEEPS:
         # wall and CPU seconds, and the load average (1 min) before and after: another process
@@ -623,9 +668,11 @@ def run(args) -> int:
             rows = safeguard_rows(runner, scale)
         else:
             rows = [runner.run(case) for case in CASES[sweep](scale)]
+        if sweep == "nystrom":
+            rows.append(svd_check(scale))
         timing = {"seconds": time.perf_counter() - t0, "cpu_seconds": H.cpu_s() - cpu0,
                   "loadavg_before_after": [load0, os.getloadavg()[0]]}
-        save(path, sweep, rows, timing, scale)
+        save(path, sweep, rows, timing, scale, commit)
         print(f"== {sweep}: {len(rows)} rows in {timing['seconds']:.0f} s ({timing['cpu_seconds']:.0f} CPU s)",
               file=sys.stderr, flush=True)
     total, cpu = time.perf_counter() - t_all, H.cpu_s() - cpu_all
@@ -634,7 +681,7 @@ def run(args) -> int:
     data = json.loads(path.read_text())
     data.setdefault("total_runs", []).append({"sweeps": list(args.sweeps or SWEEPS), "seconds": total,
                                               "cpu_seconds": cpu, "date": datetime.date.today().isoformat(),
-                                              "commit": git_commit()})
+                                              "commit": commit})
     path.write_text(json.dumps(data, indent=1))
     plot_all(data, args.quick)
     return 0
@@ -708,13 +755,40 @@ def _ny(row: dict, key: str, spec=".3g") -> str:
 
 
 def _dup_spec(row: dict, key: str, spec=".3g") -> str:
+    """View X's map spectrum value in the float32 and the float64 solve."""
     info = row.get("info") or {}
-    return " / ".join(_g((info.get(f"work_{v}") or {}).get(key), spec) for v in "xy")
+    return " / ".join(_g((info.get(f"{side}_x") or {}).get(key), spec) for side in ("work", "ref"))
+
+
+def svd_check_table(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        c = r.get("comparison") or {}
+        out += [f"**{r['label']}** (float64, one step from s = 0; auto = matrix-free randomized SVD, q = 2, p = 10): "
+                f"W differs by {_g(c.get('w_rel_error'))} (relative), largest principal angle "
+                f"{_g(c.get('w_angle_deg'), '.3g')}°, test scores by {_g(c.get('emb_rel_error'))}", "",
+                "| svd | SVD residual | spectral gap | loss after the step | R@1 | σ_1(W) | σ_r(W) | seconds |",
+                "|---|---|---|---|---|---|---|---|"]
+        for name in ("exact", "auto"):
+            rec = r[name]
+            last = (rec.get("diagnostics") or {}).get("last_step") or {}
+            sv = c.get("singular_values_of_W", {}).get(name) or [None] * 32
+            rank = rec.get("options", {}).get("rank", 32)
+            out.append(f"| {name} | {_g(last.get('svd_residual'), '.3g')} | {_g(last.get('spectral_gap'), '.5g')} | "
+                       f"{_g(rec.get('loss'), '.4f')} | {_g(rec.get('R@1'), '.3f')} | {_g(sv[0], '.4f')} | "
+                       f"{_g(sv[rank - 1], '.4f')} | {rec.get('seconds', 0):.0f} |")
+        out.append("")
+    return out
+
+
+def _by_sweep(rows: list[dict]) -> dict:
+    """The solve rows of each sweep (rows with a "kind" are reported on their own)."""
+    return {s: [r for r in rows if r["sweep"] == s and "kind" not in r] for s in SWEEPS}
 
 
 def report_tables(data: dict) -> str:
     rows = data["rows"]
-    by = {s: [r for r in rows if r["sweep"] == s] for s in SWEEPS}
+    by = _by_sweep(rows)
     out = []
     runs = data.get("runs", {})
     if runs:
@@ -747,14 +821,19 @@ def report_tables(data: dict) -> str:
                       lambda r: f"{r['config']['n_landmarks']} | {r['config']['eig_floor']:g} | "
                                 f"{_ny(r, 'condition_number')} | {_eff_rank(r)} | "
                                 f"{_g(r['config'].get('same_as'), 'g')}")
+        out += svd_check_table([r for r in rows if r.get("kind") == "svd check"])
     if by["bandwidth"]:
         out += _table("RBF bandwidth c × median heuristic (512 landmarks, floor 1e-10, n = 10,000)",
-                      "c | h x / y | cond K_LL x / y | eff. rank x / y", by["bandwidth"],
+                      "c | h x / y | cond K_LL x / y | eff. rank x / y | K(X, L): median row max | "
+                      "K(X, L) 0 / subnormal in float32", by["bandwidth"],
                       lambda r: f"{r['config']['factor']:g} | {r['config']['bandwidth'][0]:.3g} / "
-                                f"{r['config']['bandwidth'][1]:.3g} | {_ny(r, 'condition_number')} | {_eff_rank(r)}")
+                                f"{r['config']['bandwidth'][1]:.3g} | {_ny(r, 'condition_number')} | {_eff_rank(r)} | "
+                                f"{_g(r['config']['kernel_x']['median_row_max'])} | "
+                                f"{_g(r['config']['kernel_x']['float32_zero'])} / "
+                                f"{_g(r['config']['kernel_x']['float32_subnormal'])}")
     if by["duplicates"]:
-        out += _table("Duplicated landmarks (20 % of 512, RBF, n = 5,000; float32 solve's maps)",
-                      "δ | eig_floor | cond K_LL x / y | features x / y | cond kept x / y", by["duplicates"],
+        out += _table("Duplicated landmarks (20 % of 512, RBF, n = 5,000; view X's maps of the float32 / float64 "
+                      "solves)", "δ | eig_floor | cond K_LL | features | cond kept", by["duplicates"],
                       lambda r: f"{_g(r['config']['delta'], 'g')} | {r['config']['eig_floor']:g} | "
                                 f"{_dup_spec(r, 'condition_number')} | {_dup_spec(r, 'effective_rank', 'd')} | "
                                 f"{_dup_spec(r, 'condition_kept')}")
@@ -806,12 +885,35 @@ def safeguard_table(rows: list[dict], dups: list[dict]) -> list[str]:
     return out + [""]
 
 
+def safeguard_pairs(rows: list[dict], dups: list[dict]) -> list[tuple[str, float, float]]:
+    """(label, error with the safeguard, error without it; None when the solve broke) per comparison."""
+    out = []
+    for name, short in (("log-space statistics", "log space"), ("whitening", "whitening")):
+        on = [r for r in rows if r.get("safeguard") == name and r["state"] == "on"]
+        off = [r for r in rows if r.get("safeguard") == name and r["state"] == "off"]
+        for a, b in zip(on, off):
+            emb = b["errors"].get("emb_rel_error") if not b["broke"] or "embedding" in b["broke"] else None
+            out.append((f"{short}: {a['label']}", a["errors"].get("emb_rel_error"), emb))
+    for d in sorted({r["config"]["delta"] for r in dups if r["config"]["delta"] is not None}):
+        pair = {r["config"]["eig_floor"]: r for r in dups if r["config"]["delta"] == d}
+        if DEFAULT_FLOOR in pair and 0.0 in pair:
+            out.append((f"eig floor: duplicates δ {d:g}", pair[DEFAULT_FLOOR]["errors"].get("emb_rel_error"),
+                        pair[0.0]["errors"].get("emb_rel_error")))
+    for r in rows:
+        if r.get("safeguard") == "float64 accumulation of C":
+            acc = r["accumulation"]
+            out.append((f"C accumulation: {r['label']}", acc["library pass (float64 accumulation)"]["c_rel_error"],
+                        acc["tile products summed in float32"]["c_rel_error"]))
+    return out
+
+
 # ----------------------------------------------------------------------------- plots
-def _errors_axes(ax, xs, rows, xlabel, label_prefix="", marker="o"):
-    keys = (("verifier C err", lambda r: _verify(r).get("c_rel_error")),
-            ("W err", lambda r: r["errors"].get("w_rel_error")),
-            ("emb err", lambda r: r["errors"].get("emb_rel_error")))
-    for (name, get), ls in zip(keys, ("-", "--", ":")):
+def _errors_axes(ax, xs, rows, xlabel, label_prefix="", marker="o", w=True):
+    """Errors against x; ``w=False`` leaves out W's (Nyström bases differ by eigenvector signs)."""
+    keys = (("verifier C err", lambda r: _verify(r).get("c_rel_error"), "-"),
+            ("W err", lambda r: r["errors"].get("w_rel_error"), "--"),
+            ("emb err", lambda r: r["errors"].get("emb_rel_error"), ":"))
+    for name, get, ls in keys if w else (keys[0], keys[2]):
         pts = [(x, get(r)) for x, r in zip(xs, rows) if get(r) is not None and get(r) > 0 and math.isfinite(get(r))]
         if pts:
             ax.plot(*zip(*pts), ls, marker=marker, label=f"{label_prefix}{name}")
@@ -831,7 +933,7 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = data["rows"]
-    by = {s: [r for r in rows if r["sweep"] == s] for s in SWEEPS}
+    by = _by_sweep(rows)
     suffix = "_quick" if quick else ""
     written = []
 
@@ -900,7 +1002,7 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         rs = sorted(by["bandwidth"], key=lambda r: r["config"]["factor"])
         conds = [(_diag(r).get("nystrom") or {}).get("x", {}).get("condition_number") for r in rs]
-        _errors_axes(ax, conds, rs, "condition number of K_LL (view X)")
+        _errors_axes(ax, conds, rs, "condition number of K_LL (view X)", w=False)
         for x, r in zip(conds, rs):
             ax.annotate(f"c={r['config']['factor']:g}", (x, r["errors"].get("emb_rel_error") or 1e-8), fontsize=7)
         ax.set_xscale("log")
@@ -915,33 +1017,32 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
                         key=lambda r: r["config"]["delta"])
             xs = [max(r["config"]["delta"], 1e-10) for r in rs]
             _errors_axes(ax, xs, rs, "perturbation δ of the duplicates (0 drawn at 1e-10)", f"floor {floor:g}: ",
-                         marker)
+                         marker, w=False)
         ax.set_xscale("log")
         ax.set_title("20 % duplicated landmarks (m = 512, n = 5,000)")
         ax.legend(fontsize=7)
         save_fig(fig, "duplicates")
     if by["safeguards"]:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        labels, vals = [], []
-        for r in by["safeguards"]:
-            if r.get("safeguard") == "float64 accumulation of C":
-                for k, v in r["accumulation"].items():
-                    labels.append(f"{r['label']}\n{k}")
-                    vals.append(v["c_rel_error"])
-            else:
-                labels.append(f"{r['label']}\n({r['safeguard']} {r['state']})")
-                e = r["errors"].get("emb_rel_error")
-                vals.append(e if e is not None and math.isfinite(e) else float("nan"))
-        ys = np.arange(len(labels))
-        ax.barh(ys, [v if v == v else 0 for v in vals], color=["C3" if v != v else "C0" for v in vals])
-        for y, v in zip(ys, vals):
-            if v != v:
-                ax.text(1e-9, y, "broke (no finite result)", va="center", fontsize=6, color="C3")
-        ax.set_yticks(ys, labels, fontsize=5)
+        pairs = safeguard_pairs(by["safeguards"], by["duplicates"])
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(pairs) + 1.5))
+        ys = np.arange(len(pairs))[::-1]
+        finite = [v for _, a, b in pairs for v in (a, b) if v is not None and math.isfinite(v) and v > 0]
+        top = max(finite) * 30 if finite else 1.0
+        for y, (label, with_it, without) in zip(ys, pairs):
+            ax.barh(y + 0.2, with_it or 0, 0.4, color="C0")
+            broken = without is None or not math.isfinite(without)
+            ax.barh(y - 0.2, top if broken else without, 0.4, color="C3" if broken else "C1")
+            if broken:
+                ax.text(top, y - 0.2, " no result (exception)", va="center", ha="right", fontsize=7, color="white")
+        ax.set_yticks(ys, [p[0] for p in pairs], fontsize=7)
         ax.set_xscale("log")
-        ax.set_xlabel("emb err (solves) or C err (accumulation) vs float64")
+        ax.set_xlabel("relative error vs float64 (emb err of the solve; C err for the accumulation)")
         ax.set_title("what each safeguard buys")
         ax.grid(True, axis="x", which="both", alpha=0.3)
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color="C0", label="with the safeguard"), Patch(color="C1", label="without it"),
+                           Patch(color="C3", label="without it: no result")], fontsize=7, loc="lower right")
         save_fig(fig, "safeguards")
     return written
 
