@@ -1,5 +1,7 @@
 """Streamed C = Φ_Xᵀ S(z_x z_yᵀ) Φ_Y against the dense float64 reference (DESIGN §3)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,36 @@ def test_extreme_similarities_float32(loss, n, gkind, negatives):
     assert np.all(np.isfinite(C_ref))
     assert rel_err(C, C_ref) < 2e-5
     assert lval == pytest.approx(l_ref, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float64, 100.0), (torch.float32, 9.0)])
+def test_underflowing_exponentials_equal_dense(dtype, scale):
+    """Log-space tiles whose e^{t − max} underflow (t − max down to −4000 in float64, −180 in
+    float32): the exp arguments clamped at ``_exp_floor`` change nothing measurable."""
+    from unicon_dist.streamed import _exp_floor
+
+    n, tau = 300, 0.1
+    phi_x, phi_y, z_x, z_y = make_problem(n, seed=21, scale=scale)
+    t = z_x @ z_y.T / tau
+    assert (t - t.max(1, keepdims=True)).min() < _exp_floor(dtype) - 10  # the clamp is exercised
+    groups = make_groups("shuffled", n, seed=2)
+    tensors = [torch.as_tensor(a, dtype=dtype) for a in (phi_x, phi_y, z_x, z_y)]
+    op = ud.CrossProductOperator(*tensors, loss="clip", temperature=tau, groups=groups, block_rows=37,
+                                 block_cols=50)
+    C = op.materialize().numpy()
+    assert op.statistics["log_space_batches"] == 1
+    C_ref, l_ref = dense_reference(phi_x, phi_y, z_x, z_y, "clip", tau, 1.0, groups)
+    assert rel_err(C, C_ref) < (1e-12 if dtype == torch.float64 else 2e-5)
+    assert op.loss == pytest.approx(l_ref, rel=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_logsumexp_of_extreme_and_empty_slices():
+    from unicon_dist.streamed import _logsumexp
+
+    inf = float("inf")
+    t = torch.tensor([[0.0, -1000.0, -inf], [-inf, -inf, -inf], [5.0, 5.0, -3000.0]], dtype=torch.float64)
+    np.testing.assert_array_equal(_logsumexp(t, 1).numpy(), [0.0, -inf, 5.0 + math.log(2.0)])
+    np.testing.assert_array_equal(_logsumexp(t.T.contiguous(), 0).numpy(), [0.0, -inf, 5.0 + math.log(2.0)])
 
 
 # --------------------------------------------------------------------------------------

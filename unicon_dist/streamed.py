@@ -892,8 +892,9 @@ class CrossProductOperator:
             g.addcmul_(e, st["beta"][None, j0:j1])
         else:
             t = zx @ zy.T
-            g = torch.exp(t + st["la_row"][i0:i1, None])
-            g += t.add_(st["la_col"][None, j0:j1]).exp_()
+            floor = _exp_floor(t.dtype)
+            g = torch.add(t, st["la_row"][i0:i1, None]).clamp_(min=floor).exp_()
+            g += t.add_(st["la_col"][None, j0:j1]).clamp_(min=floor).exp_()
         pos = b.pos
         if pos.tile_has_positives(i0, i1, j0, j1):
             # positives: (ν − σ_ik)/|P(i)| + (ν − σ̃_ik)/|P(k)| with σ the softmax weight of
@@ -1041,15 +1042,33 @@ def _cut_panels(sorted_labels, n: int, panel_rows: int) -> list[tuple[int, int]]
     return panels
 
 
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Where exp arguments are clamped before an exp that may underflow.
+
+    torch's CPU exp is 20–40× slower on inputs whose result underflows (subnormal, zero,
+    or exp(−inf)) than on ordinary ones, and at τ = 0.01 most of a log-space tile
+    underflows: a float32 solve took 25× as long as its float64 twin (RESULTS §9).
+    Clamping the argument at log(tiny) + 1 keeps every result a normal float.  A term that
+    should have been below e·tiny (1.2e-38 · e in float32, 2.2e-308 · e in float64)
+    becomes e·tiny instead: an absolute change far below the rounding of the terms it is
+    summed with, which are relative to a maximum of 1 (``_logsumexp``) or to the O(1)
+    positive entries of the tile (``_tile_exp``).
+    """
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
 def _logsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
     """log Σ exp along ``dim``, −inf for all −inf slices.
 
     Written out because torch.logsumexp over dim 0 of a row-major tile is several
-    times slower than the max/exp/sum sequence here (measured on CPU).
+    times slower than the max/exp/sum sequence here (measured on CPU); t − max is clamped
+    at ``_exp_floor`` (see there), and slices that are all −inf are set back to −inf.
     """
     m = t.amax(dim, keepdim=True)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    return (torch.exp(t - m).sum(dim, keepdim=True).log() + m).squeeze(dim)
+    empty = m == _NEG_INF
+    m = torch.where(empty, torch.zeros_like(m), m)
+    out = (torch.sub(t, m).clamp_(min=_exp_floor(t.dtype)).exp_().sum(dim, keepdim=True).log_() + m)
+    return out.masked_fill_(empty, _NEG_INF).squeeze(dim)
 
 
 def _weighted_column_sums(A: torch.Tensor, w: torch.Tensor, block: int):
