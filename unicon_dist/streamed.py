@@ -895,6 +895,10 @@ class CrossProductOperator:
             floor = _exp_floor(t.dtype)
             g = torch.add(t, st["la_row"][i0:i1, None]).clamp_(min=floor).exp_()
             g += t.add_(st["la_col"][None, j0:j1]).clamp_(min=floor).exp_()
+            # entries below √tiny are set to 0: the GEMMs that take this tile would form
+            # subnormal products with them, which run ~70× slower on CPU (RESULTS §9).  Each
+            # such entry is < 1.1e-19 (float32) against row sums of order 1.
+            torch.nn.functional.threshold_(g, _flush_below(g.dtype), 0.0)
         pos = b.pos
         if pos.tile_has_positives(i0, i1, j0, j1):
             # positives: (ν − σ_ik)/|P(i)| + (ν − σ̃_ik)/|P(k)| with σ the softmax weight of
@@ -1045,16 +1049,21 @@ def _cut_panels(sorted_labels, n: int, panel_rows: int) -> list[tuple[int, int]]
 def _exp_floor(dtype: torch.dtype) -> float:
     """Where exp arguments are clamped before an exp that may underflow.
 
-    torch's CPU exp is 20–40× slower on inputs whose result underflows (subnormal, zero,
+    torch's CPU exp is 10–40× slower on inputs whose result underflows (subnormal, zero,
     or exp(−inf)) than on ordinary ones, and at τ = 0.01 most of a log-space tile
     underflows: a float32 solve took 25× as long as its float64 twin (RESULTS §9).
     Clamping the argument at log(tiny) + 1 keeps every result a normal float.  A term that
     should have been below e·tiny (1.2e-38 · e in float32, 2.2e-308 · e in float64)
     becomes e·tiny instead: an absolute change far below the rounding of the terms it is
-    summed with, which are relative to a maximum of 1 (``_logsumexp``) or to the O(1)
-    positive entries of the tile (``_tile_exp``).
+    summed with, which are relative to a maximum of 1 (``_logsumexp``); ``_tile_exp``
+    then drops such entries altogether (``_flush_below``).
     """
     return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
+def _flush_below(dtype: torch.dtype) -> float:
+    """√tiny of ``dtype``: tile entries below it are dropped (see ``_tile_exp``)."""
+    return math.sqrt(torch.finfo(dtype).tiny)
 
 
 def _logsumexp(t: torch.Tensor, dim: int) -> torch.Tensor:
