@@ -29,7 +29,9 @@ Sweeps (``run`` takes any of them; default all):
 ``precision``
     Input storage float64 / float32 / float16 / bfloat16 (``study.round_to_storage``) ×
     tile dtype float32 / float64; linear kernel, n = 10,000.  All against the float64 solve
-    of the unrounded inputs (the verifier only sees the tile arithmetic).
+    of the unrounded inputs (the verifier only sees the tile arithmetic).  And float32
+    storage and tiles run to the library's ``max_iter`` of 30 (against a float64 solve of 30
+    iterations): whether the error grows along the iteration.
 ``tau``
     τ ∈ {1, 0.3, 0.1, 0.05, 0.03, 0.01}, cosine similarity; and τ = 0.01 with
     ``similarity="dot"`` (whose |s|/τ overflows float32 at every τ tried, 0.05 to 0.01: one
@@ -42,9 +44,10 @@ Sweeps (``run`` takes any of them; default all):
     same eigenvalues of K_LL as another floor (in both the float32 and the float64 solve)
     give the same map bit for bit, hence the same solve: such rows are solved once and say
     ``same as``.  At m = 2048 the verifier compares a seeded sample of 16 tiles (each of its
-    tiles forms a 2048 × 2048 part of C: the full check costs 22 s).  Also the first step at
-    m = 2048 in float64 with ``svd="exact"`` against ``svd="auto"`` (which picks the
-    matrix-free randomized SVD above 1024 features): how far apart the two rank-r solutions are.
+    tiles forms a 2048 × 2048 part of C: the full check costs 22 s).  Also ``svd="exact"``
+    against ``svd="auto"`` (which picks the matrix-free randomized SVD above 1024 features) at
+    m = 2048: the first step in float64 and the full float32 solve, how far apart the two
+    rank-r solutions are and what each reaches (loss, R@1, seconds).
 ``bandwidth``
     RBF with bandwidth c × h, h the median-heuristic bandwidth of each view (as
     ``Kernel.resolve`` sets it on the training rows), c ∈ {0.1, 0.3, 1, 3, 10, 30};
@@ -138,6 +141,7 @@ class Scale:
     accumulation_n: tuple = (10_000, 60_000)
     rank: int = 32
     max_iter: int = 6
+    long_iter: int = 30
 
     def base(self) -> dict:
         return dict(rank=self.rank, max_iter=self.max_iter, seed=SEED)
@@ -146,7 +150,7 @@ class Scale:
 FULL = Scale()
 QUICK = Scale(n=1_500, n_test=500, sizes=(500, 1_500, 3_000), batched_from=3_000, landmarks=(64, 128),
               sampled_from=128, sample_tiles=2, bandwidth_landmarks=64, dup_n=1_000, dup_landmarks=64,
-              accumulation_n=(1_500, 3_000), rank=8, max_iter=3)
+              accumulation_n=(1_500, 3_000), rank=8, max_iter=3, long_iter=6)
 
 
 # ----------------------------------------------------------------------------- data
@@ -418,9 +422,16 @@ def _print_row(row: dict) -> None:
 
 # ----------------------------------------------------------------------------- sweeps
 def precision_cases(s: Scale) -> list[Case]:
-    return [Case("precision", f"{storage} storage, {tiles} tiles", {"storage": storage, "tiles": tiles},
-                 lambda storage=storage: stored(s.n, s.n_test, storage), dtype=tiles)
-            for storage in STORAGES for tiles in ("float32", "float64")]
+    cases = [Case("precision", f"{storage} storage, {tiles} tiles", {"storage": storage, "tiles": tiles},
+                  lambda storage=storage: stored(s.n, s.n_test, storage), dtype=tiles)
+             for storage in STORAGES for tiles in ("float32", "float64")]
+    # whether the error grows along the iteration: the float32 solve and its reference run
+    # to the library's max_iter (30) instead of the sweeps' common cap
+    long = {"max_iter": s.long_iter}
+    cases.append(Case("precision", f"float32 storage, float32 tiles, {s.long_iter} iterations",
+                      {"storage": "float32", "tiles": f"float32, max_iter {s.long_iter}"},
+                      lambda: stored(s.n, s.n_test, "float32"), long))
+    return cases
 
 
 def baseline_case(s: Scale, sweep="tau") -> Case:
@@ -595,29 +606,36 @@ def accumulation(model, n: int, s: Scale) -> dict:
     return row
 
 
-def svd_check(s: Scale) -> dict:
-    """The first step (s = 0, regularised CCA on the whitened RBF features) at the largest m, in
-    float64, by LAPACK and by ``svd="auto"`` (the matrix-free randomized SVD above 1024 features)."""
-    arrays = stored(s.n, s.n_test, "float32").ref
+def svd_check(s: Scale) -> list[dict]:
+    """``svd="exact"`` (LAPACK) against ``svd="auto"`` (the matrix-free randomized SVD above 1024
+    features) at the largest m: the first step alone (s = 0: regularised CCA on the whitened
+    RBF features) in float64, and the sweep's full solve in float32."""
+    arrays = stored(s.n, s.n_test, "float32")
     m = max(s.landmarks)
-    solves = {}
-    for svd in ("exact", "auto"):
-        options = {**s.base(), "kernel": "rbf", "n_landmarks": m, "max_iter": 1, "svd": svd, "dtype": "float64"}
-        solves[svd] = solve(options, arrays)
-    a, b = solves["exact"], solves["auto"]
-    out = {"sweep": "nystrom", "kind": "svd check", "label": f"first step, m {m}: svd exact vs auto",
-           "config": {"n_landmarks": m, "n": s.n}, "exact": a.record, "auto": b.record}
-    if a.model is not None and b.model is not None:
-        sv = {k: np.linalg.svd(v.model.W_, compute_uv=False)[: s.rank + 1].tolist() for k, v in solves.items()}
-        out["comparison"] = {
-            "w_rel_error": relative(b.model.W_, a.model.W_),
-            "w_angle_deg": max(max_angle_deg(b.model.F1_.T, a.model.F1_.T),
-                               max_angle_deg(b.model.F2_.T, a.model.F2_.T)),
-            "emb_rel_error": relative(b.zx @ b.zy.T, a.zx @ a.zy.T),
-            "singular_values_of_W": sv,
-        }
-    print(f"[nystrom] svd check m={m}: " + json.dumps({k: v for k, v in out.get("comparison", {}).items()
-                                                      if k != "singular_values_of_W"}), flush=True)
+    out = []
+    for label, max_iter, dtype, inputs in (("first step", 1, "float64", arrays.ref),
+                                           (f"{s.max_iter} iterations", s.max_iter, "float32", arrays.work)):
+        solves = {}
+        for svd in ("exact", "auto"):
+            options = {**s.base(), "kernel": "rbf", "n_landmarks": m, "max_iter": max_iter, "svd": svd,
+                       "dtype": dtype}
+            solves[svd] = solve(options, inputs)
+        a, b = solves["exact"], solves["auto"]
+        row = {"sweep": "nystrom", "kind": "svd check", "label": f"{label}, m {m}, {dtype}: svd exact vs auto",
+               "config": {"n_landmarks": m, "n": s.n, "max_iter": max_iter, "dtype": dtype},
+               "exact": a.record, "auto": b.record}
+        if a.model is not None and b.model is not None:
+            row["comparison"] = {
+                "w_rel_error": relative(b.model.W_, a.model.W_),
+                "w_angle_deg": max(max_angle_deg(b.model.F1_.T, a.model.F1_.T),
+                                   max_angle_deg(b.model.F2_.T, a.model.F2_.T)),
+                "emb_rel_error": relative(b.zx @ b.zy.T, a.zx @ a.zy.T),
+                "singular_values_of_W": {k: np.linalg.svd(v.model.W_, compute_uv=False)[: s.rank + 1].tolist()
+                                         for k, v in solves.items()},
+            }
+        print(f"[nystrom] svd check, {label}: " + json.dumps({k: v for k, v in row.get("comparison", {}).items()
+                                                             if k != "singular_values_of_W"}), flush=True)
+        out.append(row)
     return out
 
 
@@ -669,7 +687,7 @@ def run(args) -> int:
         else:
             rows = [runner.run(case) for case in CASES[sweep](scale)]
         if sweep == "nystrom":
-            rows.append(svd_check(scale))
+            rows += svd_check(scale)
         timing = {"seconds": time.perf_counter() - t0, "cpu_seconds": H.cpu_s() - cpu0,
                   "loadavg_before_after": [load0, os.getloadavg()[0]]}
         save(path, sweep, rows, timing, scale, commit)
@@ -764,10 +782,10 @@ def svd_check_table(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         c = r.get("comparison") or {}
-        out += [f"**{r['label']}** (float64, one step from s = 0; auto = matrix-free randomized SVD, q = 2, p = 10): "
+        out += [f"**{r['label']}** (auto = matrix-free randomized SVD, q = 2, p = 10): "
                 f"W differs by {_g(c.get('w_rel_error'))} (relative), largest principal angle "
                 f"{_g(c.get('w_angle_deg'), '.3g')}°, test scores by {_g(c.get('emb_rel_error'))}", "",
-                "| svd | SVD residual | spectral gap | loss after the step | R@1 | σ_1(W) | σ_r(W) | seconds |",
+                "| svd | SVD residual (last step) | spectral gap (last step) | loss (kept iterate) | R@1 | σ_1(W) | σ_r(W) | seconds |",
                 "|---|---|---|---|---|---|---|---|"]
         for name in ("exact", "auto"):
             rec = r[name]
