@@ -98,6 +98,18 @@ class Timer:
         return False
 
 
+def git_commit() -> str:
+    """Short HEAD of the checkout, "+dirty" when the library itself has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "unicon_dist"], capture_output=True, text=True,
+                               cwd=REPO).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def spawn(script: Path, worker: str, params: dict) -> dict:
     """Run ``script --worker NAME --params JSON`` in a fresh process; its last stdout line is JSON."""
     cmd = [sys.executable, str(script), "--worker", worker, "--params", json.dumps(params)]

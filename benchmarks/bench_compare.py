@@ -80,7 +80,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -350,20 +349,9 @@ def save_results(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=H.REPO,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "unicon_dist"], capture_output=True, text=True,
-                               cwd=H.REPO).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run(args) -> int:
     path = results_path(args.quick)
-    machine, commit = H.machine_line(), git_commit()
+    machine, commit = H.machine_line(), H.git_commit()
     run_id = datetime.datetime.now().isoformat(timespec="seconds")
     print(machine, file=sys.stderr)
     for dataset in args.datasets:

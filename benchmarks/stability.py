@@ -86,7 +86,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -648,17 +647,6 @@ def results_path(quick: bool) -> Path:
     return HERE / "results" / ("stability_quick.json" if quick else "stability.json")
 
 
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=H.REPO,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "unicon_dist"], capture_output=True, text=True,
-                               cwd=H.REPO).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def save(path: Path, sweep: str, rows: list[dict], timing: dict, scale: Scale, commit: str) -> None:
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "runs": {}}
     data["rows"] = [r for r in data["rows"] if r["sweep"] != sweep] + rows
@@ -675,7 +663,7 @@ def run(args) -> int:
     scale = QUICK if args.quick else FULL
     path = results_path(args.quick)
     runner = Runner(scale)
-    commit = git_commit()  # the code this process imported (HEAD may move while it runs)
+    commit = H.git_commit()  # the code this process imported (HEAD may move while it runs)
     print(H.machine_line(), commit, file=sys.stderr)
     t_all, cpu_all = time.perf_counter(), H.cpu_s()
     for sweep in args.sweeps or SWEEPS:
@@ -970,7 +958,8 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
                                          ("W err", lambda r: r["errors"].get("w_rel_error")),
                                          ("emb err", lambda r: r["errors"].get("emb_rel_error")))):
             ax.bar(xs + 0.27 * (k - 1), [get(r) or 0 for r in rs], 0.27, label=name)
-        ax.set_xticks(xs, [f"{r['config']['storage']}\n{r['config']['tiles']} tiles" for r in rs], fontsize=7)
+        ax.set_xticks(xs, [f"{r['config']['storage']}\n{r['config']['tiles']} tiles".replace(", ", "\n")
+                           for r in rs], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("relative error vs float64 solve")
         ax.set_title("storage precision × tile dtype (linear, n = 10,000)")
