@@ -75,7 +75,7 @@ def test_randomized_svd_equals_numpy(device):
     # a decaying spectrum, so the top 6 triplets are well determined
     A = (rng.standard_normal((120, 40)) * 0.7 ** np.arange(40)) @ np.linalg.qr(rng.standard_normal((40, 40)))[0]
     U, s, Vh = ud.randomized_svd(torch.as_tensor(A, device=device), 6, n_power_iter=4)
-    assert s.device.type == device
+    assert s.device.type == "cpu" and s.dtype == torch.float64  # the k-column algebra runs on the CPU
     s_ref = np.linalg.svd(A, compute_uv=False)[:6]
     np.testing.assert_allclose(s.cpu().numpy(), s_ref, rtol=1e-8)
     approx = (U * s) @ Vh
@@ -99,7 +99,8 @@ def test_fit_equals_cpu_fit(device, kernel, dtype, svd):
     assert model.loss_ == pytest.approx(ref.loss_, rel=tol)
     zx = model.encode_x(torch.as_tensor(X[:50], device=device))
     assert zx.device.type == device
-    assert rel_err(zx.cpu().numpy().astype(np.float64), ref.encode_x(X[:50]).astype(np.float64)) < 10 * tol
+    # embeddings come out in the inputs' precision (float32 here), whatever the solve's
+    assert rel_err(zx.cpu().numpy().astype(np.float64), ref.encode_x(X[:50]).astype(np.float64)) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -189,6 +189,27 @@ def test_eig_floor_validation():
         ud.NystroemMap.fit(_data(10, 2, 0), "rbf", 5, eig_floor=1.0)
 
 
+def test_feature_basis_signs_do_not_depend_on_the_eigensolver():
+    """Eigenvectors come back from LAPACK and cuSOLVER with different signs; the map fixes
+    them (largest entry positive), so a basis computed with every sign flipped, or with
+    the landmarks in another order, gives the same features."""
+    rng = np.random.default_rng(8)
+    X = torch.as_tensor(rng.standard_normal((200, 5)))
+    L = X[:40]
+    kernel = ud.get_kernel("rbf", bandwidth=2.0)
+    base = ud.NystroemMap.from_landmarks(kernel, L)
+    perm = torch.as_tensor(rng.permutation(40))
+    permuted = ud.NystroemMap.from_landmarks(kernel, L[perm])
+    np.testing.assert_allclose(permuted.transform(X).numpy(), base.transform(X).numpy(), atol=1e-9)
+    eigh = torch.linalg.eigh
+    try:  # an eigensolver that returns every vector negated
+        torch.linalg.eigh = lambda A: (lambda w, v: (w, -v))(*eigh(A))
+        flipped = ud.NystroemMap.from_landmarks(kernel, L)
+    finally:
+        torch.linalg.eigh = eigh
+    np.testing.assert_array_equal(flipped.transform(X).numpy(), base.transform(X).numpy())
+
+
 # ------------------------------------------------------------------ transform
 @pytest.mark.parametrize("name", ["rbf", "polynomial"])
 def test_transform_block_size_independent(name):

@@ -15,11 +15,21 @@ __all__ = ["truncated_svd", "closed_form_step", "damped_target", "tangent_projec
 FACTORIZATIONS = ("orthonormal", "sqrt")
 
 
-def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
-    """Deterministic signs: the entry of largest magnitude in each left vector is positive."""
+def column_signs(U: torch.Tensor) -> torch.Tensor:
+    """±1 per column of U making its entry of largest magnitude positive.
+
+    LAPACK and cuSOLVER return singular and eigen vectors with different signs; fixing
+    them makes factors, feature bases and so models the same on every device.
+    """
     idx = U.abs().argmax(dim=0)
     signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
     signs[signs == 0] = 1.0
+    return signs
+
+
+def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
+    """Deterministic signs: the entry of largest magnitude in each left vector is positive."""
+    signs = column_signs(U)
     return U * signs, Vh * signs[:, None]
 
 

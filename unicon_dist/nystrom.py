@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .closed_form import column_signs
 from .kernels import Kernel, get_kernel
 from .planning import plan_feature_rows
 
@@ -179,6 +180,7 @@ class NystroemMap:
         K = kernel(L.double(), L.double())
         K = 0.5 * (K + K.T)
         evals, evecs = torch.linalg.eigh(K)
+        evecs = evecs * column_signs(evecs)  # the same feature basis on every device
         top = float(evals.max())
         if not top > 0:
             raise ValueError("the landmark kernel matrix K_LL is zero: all landmarks are degenerate for this kernel")

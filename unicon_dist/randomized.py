@@ -61,8 +61,9 @@ def randomized_svd(A, rank: int, oversampling: int = 10, n_power_iter: int = 2, 
     Returns
     -------
     U : (m, r), s : (r,), Vh : (r, n)
-        float64 tensors, signs fixed so the largest-magnitude entry of each left
-        singular vector is positive.
+        float64 tensors on the CPU whatever A's device (the k-column algebra of the
+        range finder runs there; only the products with A run on its device), signs
+        fixed so the largest-magnitude entry of each left singular vector is positive.
     info : dict, only with ``return_info``
         ``residual``: (Σ_i ‖(I − QQᵀ)Aω_i‖² / Σ_i ‖Aω_i‖²)^{1/2}, an estimate of the
         share ‖A − QQᵀA‖_F/‖A‖_F of A outside the sketched range (E‖Mω‖² = ‖M‖_F²);
