@@ -895,9 +895,11 @@ class CrossProductOperator:
             floor = _exp_floor(t.dtype)
             g = torch.add(t, st["la_row"][i0:i1, None]).clamp_(min=floor).exp_()
             g += t.add_(st["la_col"][None, j0:j1]).clamp_(min=floor).exp_()
-            # entries below √tiny are set to 0: the GEMMs that take this tile would form
-            # subnormal products with them, which run ~70× slower on CPU (RESULTS §9).  Each
-            # such entry is < 1.1e-19 (float32) against row sums of order 1.
+            # entries below √tiny (1.1e-19 in float32) are set to 0: the GEMMs that take this
+            # tile would form subnormal products with them, which run ~70× slower on CPU
+            # (RESULTS §9).  C changes by less than n·B·√tiny·max|φ_x||φ_y| in absolute
+            # terms: far below its float32 rounding unless all of S is that small (every
+            # pair separated by more than ~45τ in similarity: a loss at its floor).
             torch.nn.functional.threshold_(g, _flush_below(g.dtype), 0.0)
         pos = b.pos
         if pos.tile_has_positives(i0, i1, j0, j1):
