@@ -19,6 +19,7 @@ Usage::
 
     python benchmarks/bench_device.py run [--devices cpu cuda] [--quick] [--out PATH] [--commit HASH]
     python benchmarks/bench_device.py report [PATH]     # the Markdown table of RESULTS §10
+    python benchmarks/bench_device.py profile [--device cuda] [--out PATH]   # one iteration, torch.profiler
 
 ``--out`` defaults to ``benchmarks/results/device.json`` (``device_quick.json`` with ``--quick``).
 """
@@ -46,9 +47,11 @@ import torch  # noqa: E402
 import unicon_dist as ud  # noqa: E402
 
 FULL = {"pass": dict(n=40_000, d=512, r=128), "linear": dict(n=200_000, d=512, r=128),
-        "rbf": dict(n=100_000, d=392, r=128, m=2048)}
+        "rbf": dict(n=100_000, d=392, r=128, m=2048), "linear-1m": dict(n=1_000_000, d=512, r=128)}
 QUICK = {"pass": dict(n=2_000, d=32, r=16), "linear": dict(n=4_000, d=32, r=8),
-         "rbf": dict(n=3_000, d=24, r=8, m=80)}
+         "rbf": dict(n=3_000, d=24, r=8, m=80), "linear-1m": dict(n=8_000, d=32, r=8)}
+WORKLOADS = ("pass", "linear", "rbf", "linear-1m")
+DEFAULT_WORKLOADS = ("pass", "linear", "rbf")
 
 
 def pairs(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +125,7 @@ def run(args) -> int:
     rows = []
     for device in devices:
         warm_up(device)
-    for name in ("pass", "linear", "rbf"):
+    for name in args.workloads or DEFAULT_WORKLOADS:
         first = None
         for device in devices:
             row, result = (run_pass(sizes[name], device) if name == "pass"
@@ -139,6 +142,31 @@ def run(args) -> int:
     tmp.write_text(json.dumps({"info": info, "rows": rows}, indent=1))
     os.replace(tmp, out)
     print(f"wrote {out}")
+    return 0
+
+
+def profile(args) -> int:
+    """Where one iteration of the linear fit spends its time: operators by self CPU and self
+    device time (torch.profiler), after a warm-up fit."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    size = (QUICK if args.quick else FULL)["linear"]
+    device = args.device
+    warm_up(device)
+    X, Y = pairs(size["n"], size["d"])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    opts = dict(rank=size["r"], negatives=4096, max_iter=1, seed=0, device=device)
+    with torch_profile(activities=activities) as prof:
+        _, seconds = timed(device, lambda: ud.UniCon(**opts).fit(X, Y))
+    sort = ["self_cpu_time_total"] + (["self_cuda_time_total"] if device.startswith("cuda") else [])
+    text = [f"{H.machine_line()}; device {device}; linear fit, n = {size['n']:,}, one iteration: {seconds:.2f} s"]
+    for key in sort:
+        text += [f"\n== by {key}", prof.key_averages().table(sort_by=key, row_limit=25)]
+    out = "\n".join(text)
+    if args.out:
+        Path(args.out).write_text(out)
+    print(out)
     return 0
 
 
@@ -168,10 +196,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out")
     p.add_argument("--commit", help="commit to record (where the checkout has no .git)")
+    p.add_argument("--workloads", nargs="*", choices=WORKLOADS,
+                   help=f"default: {' '.join(DEFAULT_WORKLOADS)}; linear-1m is the linear fit at n = 1,000,000")
+    f = sub.add_parser("profile", help="torch.profiler tables of one linear-fit iteration on a device")
+    f.add_argument("--device", default="cuda")
+    f.add_argument("--quick", action="store_true")
+    f.add_argument("--out", help="text file for the tables (default: print)")
     q = sub.add_parser("report")
     q.add_argument("path", nargs="?")
     args = parser.parse_args(argv)
-    return run(args) if args.command == "run" else report(args)
+    return {"run": run, "report": report, "profile": profile}[args.command](args)
 
 
 if __name__ == "__main__":
