@@ -64,6 +64,12 @@ def pairs(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return X.numpy(), Y.numpy()
 
 
+def parse(spec: str) -> tuple[str, int | None]:
+    """"cuda@32": device "cuda" with ``memory_budget`` 32 MiB (the CPU's default tile plan)."""
+    device, _, mib = spec.partition("@")
+    return device, (int(mib) << 20) if mib else None
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -77,7 +83,8 @@ def timed(device: str, fn):
     return out, time.perf_counter() - t0
 
 
-def run_pass(size: dict, device: str) -> tuple[dict, np.ndarray]:
+def run_pass(size: dict, spec: str) -> tuple[dict, np.ndarray]:
+    device, budget = parse(spec)
     X, Y = pairs(size["n"], size["d"])
     g = torch.Generator().manual_seed(1)
     F1, F2 = (torch.randn(size["r"], size["d"], generator=g, dtype=torch.float64) / size["d"] ** 0.5
@@ -87,16 +94,19 @@ def run_pass(size: dict, device: str) -> tuple[dict, np.ndarray]:
               for T, F in zip(tensors, (F1, F2)))
 
     def go():
-        op = ud.CrossProductOperator(*tensors, zx, zy, temperature=0.1, device=device, dtype=torch.float32)
+        op = ud.CrossProductOperator(*tensors, zx, zy, temperature=0.1, device=device, dtype=torch.float32,
+                                     memory_budget=budget)
         return op.materialize()
 
     C, seconds = timed(device, go)
     return {"seconds": seconds, "pairs_per_s": size["n"] ** 2 / seconds}, C.cpu().numpy()
 
 
-def run_fit(size: dict, device: str, kernel: str) -> tuple[dict, np.ndarray]:
+def run_fit(size: dict, spec: str, kernel: str) -> tuple[dict, np.ndarray]:
+    device, budget = parse(spec)
     X, Y = pairs(size["n"], size["d"])
-    opts = dict(rank=size["r"], negatives=4096, max_iter=3, tol=0.0, loss_tol=0.0, seed=0, device=device)
+    opts = dict(rank=size["r"], negatives=4096, max_iter=3, tol=0.0, loss_tol=0.0, seed=0, device=device,
+                memory_budget=budget)
     if kernel == "rbf":
         # above 1024 features ``svd="auto"`` picks the matrix-free randomized SVD; say so for small m
         opts.update(kernel="rbf", n_landmarks=size["m"], svd="auto" if size["m"] > 1024 else "randomized")
@@ -123,7 +133,7 @@ def run(args) -> int:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "sizes": sizes}
     print(json.dumps(info), flush=True)
     rows = []
-    for device in devices:
+    for device in dict.fromkeys(parse(spec)[0] for spec in devices):
         warm_up(device)
     for name in args.workloads or DEFAULT_WORKLOADS:
         first = None
@@ -192,7 +202,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
-    p.add_argument("--devices", nargs="*")
+    p.add_argument("--devices", nargs="*",
+                   help='default: cpu and, if visible, cuda; "cuda@32" is cuda with memory_budget 32 MiB')
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out")
     p.add_argument("--commit", help="commit to record (where the checkout has no .git)")

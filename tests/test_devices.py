@@ -119,3 +119,25 @@ def test_store_fit_verify_and_reload(device, tmp_path):
     model.save(tmp_path / "model.npz")
     back = ud.UniCon.load(tmp_path / "model.npz")
     np.testing.assert_allclose(back.encode_x(X[:20]), ref.encode_x(X[:20]), rtol=1e-6, atol=1e-9)
+
+
+def test_tile_plan_by_device():
+    """Without a budget, CUDA tiles hold a whole batch (the launch-bound profile of RESULTS
+    §10); the CPU keeps its cache-sized tiles; an explicit budget decides on either."""
+    cpu = ud.plan_tiles(4096, 640)
+    gpu = ud.plan_tiles(4096, 640, device_type="cuda")
+    assert (cpu.block_rows, cpu.block_cols) == (512, 4096)  # 2^21 elements: 512 rows of 4,096
+    assert (gpu.block_rows, gpu.block_cols) == (4096, 4096) and gpu.tile_bytes <= (1 << 30) + 4096 * 640 * 4
+    big = ud.plan_tiles(1_000_000, 640, device_type="cuda")
+    assert big.block_rows * big.block_cols * 16 <= 1 << 30 and big.block_cols > cpu.block_cols
+    assert ud.plan_tiles(4096, 640, memory_budget=32 << 20, device_type="cuda") == ud.plan_tiles(
+        4096, 640, memory_budget=32 << 20)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_operator_uses_the_device_plan(device):
+    phi_x, phi_y, zx, zy = _problem(n=300)
+    op = ud.CrossProductOperator(phi_x, phi_y, zx, zy, temperature=0.1, device=device, dtype=torch.float32)
+    b = op._batches[0]
+    plan = op._plan(b.n, op.rank + max(op.shape), b.pos)
+    assert plan == ud.plan_tiles(300, op.rank + max(op.shape), device_type=device)

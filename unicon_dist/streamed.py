@@ -423,6 +423,7 @@ class CrossProductOperator:
             memory_budget=self._budget,
             block_rows=self._block_rows,
             block_cols=self._block_cols,
+            device_type=self.device.type,
         )
 
     # ---------------------------------------------------------------- panels
