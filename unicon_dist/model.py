@@ -146,7 +146,9 @@ class UniCon:
         ``diagnostics_["verify"]``.  Costs one statistics pass in each precision plus the
         tiles compared; a fit through a Ray executor verifies on the driver.
     memory_budget : int, optional
-        Bytes the similarity tiles may use (the planner picks tile sizes).
+        Bytes the similarity tiles may use (the planner picks tile sizes; by default
+        cache-sized tiles on the CPU and 1 GiB of tiles on CUDA).  Fits from a pair store
+        also size their panels by it (default 2 GiB for the whole pass).
     verbose : bool
         Log one line per iteration, and the progress of long passes, at INFO level
         (logger ``unicon_dist.model``).

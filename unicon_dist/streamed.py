@@ -144,7 +144,8 @@ class CrossProductOperator:
     seed : int
         Seed of the batch split.
     block_rows, block_cols, memory_budget
-        Tile shape, or the budget the planner fits it into.
+        Tile shape, or the budget the planner fits it into (default: cache-sized tiles
+        on the CPU, 1 GiB of tiles on CUDA; see :func:`unicon_dist.plan_tiles`).
     device, dtype
         Where and in which precision the tiles are computed (default: those of z_x;
         float32 unless the inputs are float64).  C is accumulated in float64.
