@@ -45,6 +45,7 @@ H.use_checkout()
 import torch  # noqa: E402
 
 import unicon_dist as ud  # noqa: E402
+from bench_iteration import pairs  # noqa: E402  (that script stays self-contained: see its docstring)
 
 FULL = {"pass": dict(n=40_000, d=512, r=128), "linear": dict(n=200_000, d=512, r=128),
         "rbf": dict(n=100_000, d=392, r=128, m=2048), "linear-1m": dict(n=1_000_000, d=512, r=128)}
@@ -52,16 +53,6 @@ QUICK = {"pass": dict(n=2_000, d=32, r=16), "linear": dict(n=4_000, d=32, r=8),
          "rbf": dict(n=3_000, d=24, r=8, m=80), "linear-1m": dict(n=8_000, d=32, r=8)}
 WORKLOADS = ("pass", "linear", "rbf", "linear-1m")
 DEFAULT_WORKLOADS = ("pass", "linear", "rbf")
-
-
-def pairs(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two views sharing a 64-dimensional latent signal plus independent noise."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(64, d)
-    latent = torch.randn(n, k, generator=g)
-    mix = [torch.randn(k, d, generator=g) / k**0.5 for _ in range(2)]
-    X, Y = (latent @ M + 0.5 * torch.randn(n, d, generator=g) for M in mix)
-    return X.numpy(), Y.numpy()
 
 
 def parse(spec: str) -> tuple[str, int | None]:
