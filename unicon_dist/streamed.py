@@ -642,7 +642,6 @@ class CrossProductOperator:
         la_row = torch.full((n,), _NEG_INF, **f64)
         la_col = torch.full((n,), _NEG_INF, **f64)
         loss_sum = torch.zeros((), **f64)
-        inv_size = 1.0 / b.pos.size.double()
         log_eps = math.log(lf.epsilon)
         if b.pos.one_to_one:
             # one positive per row, on the diagonal: vectors instead of diagonal tiles
@@ -658,6 +657,7 @@ class CrossProductOperator:
                     la_row[i0:i1], la_col[i0:i1] = -ld_r, -ld_c
                     loss_sum += (2.0 * (log_eps - lf.nu * t) + ld_r + ld_c).sum()
             return la_row, la_col, float(loss_sum)
+        inv_size = 1.0 / b.pos.size.double()
         for k in panels:
             for _, i0, i1, j0, j1, m, t in self._positive_tiles_of(b, self._load(b, k), plan):
                 ld_r = torch.logaddexp(lneg_row[i0:i1, None], t)
