@@ -56,6 +56,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .diagnostics import format_diagnostics
+from .planning import format_bytes, parse_bytes
 
 __all__ = [
     "Job",
@@ -93,44 +94,6 @@ class JobError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_bytes(value) -> int:
-    """A byte count from an integer or a size string.
-
-    ``"2GiB"`` = 2·1024³ (binary units KiB, MiB, GiB, TiB), ``"2GB"`` = 2·10⁹ (decimal
-    units kB, MB, GB, TB), ``"512"`` or ``512`` = bytes.  Units are case-insensitive.
-
-    Raises
-    ------
-    ValueError
-        Not a positive integer or a size string, or a size below one byte.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"must be a byte count or a size string like '2GiB', got {value!r}")
-    if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"must be a positive number of bytes, got {value!r}")
-        return value
-    if not isinstance(value, str) or not (m := _SIZE.match(value)) or (m.group(3) and not m.group(2)):
-        raise ValueError(f"must be a byte count or a size string like '2GiB' or '500MB', got {value!r}")
-    number, prefix, binary, _ = m.groups()
-    base = 1024 if binary else 1000
-    n = int(float(number) * base ** _POWERS[prefix.lower()])
-    if n < 1:
-        raise ValueError(f"must be at least one byte, got {value!r}")
-    return n
-
-
-def _format_bytes(n: int) -> str:
-    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
-        if n >= 1024**power:
-            return f"{n / 1024**power:.3g} {unit}"
-    return f"{n} B"
-
-
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -354,7 +317,7 @@ class Job:
         lines.append(f"  model         {model!r}")
         budget = self.model_options.get("memory_budget")
         if budget is not None:
-            lines.append(f"  memory budget {_format_bytes(parse_bytes(budget))}")
+            lines.append(f"  memory budget {format_bytes(parse_bytes(budget))}")
         n = self.data.store.n_rows
         lines.append(f"  work          2 streamed passes over {n:,}² = {float(n) ** 2:.3g} similarities per "
                      f"iteration, at most {model.max_iter} iterations")

@@ -7,9 +7,50 @@ kernel arithmetic from memory planning).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-__all__ = ["TilePlan", "plan_tiles", "plan_feature_rows", "PanelPlan", "plan_panels"]
+__all__ = ["parse_bytes", "format_bytes", "TilePlan", "plan_tiles", "plan_feature_rows", "PanelPlan", "plan_panels"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_bytes(value) -> int:
+    """A byte count from an integer or a size string.
+
+    ``"2GiB"`` = 2·1024³ (binary units KiB, MiB, GiB, TiB), ``"2GB"`` = 2·10⁹ (decimal
+    units kB, MB, GB, TB), ``"512"`` or ``512`` = bytes.  Units are case-insensitive.
+
+    Raises
+    ------
+    ValueError
+        Not a positive integer or a size string, or a size below one byte.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"must be a byte count or a size string like '2GiB', got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"must be a positive number of bytes, got {value!r}")
+        return value
+    if not isinstance(value, str) or not (m := _SIZE.match(value)) or (m.group(3) and not m.group(2)):
+        raise ValueError(f"must be a byte count or a size string like '2GiB' or '500MB', got {value!r}")
+    number, prefix, binary, _ = m.groups()
+    base = 1024 if binary else 1000
+    n = int(float(number) * base ** _POWERS[prefix.lower()])
+    if n < 1:
+        raise ValueError(f"must be at least one byte, got {value!r}")
+    return n
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps it at least 1 (e.g. "64 MiB")."""
+    for unit, power in (("TiB", 4), ("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if n >= 1024**power:
+            return f"{n / 1024**power:.3g} {unit}"
+    return f"{n} B"
+
+
 
 # Measured on the 2-core development machine (benchmarks/bench_cross_product.py):
 # tall-thin tiles of about 2^21 elements keep one tile plus its temporaries in L2/L3
