@@ -327,11 +327,21 @@ def test_progress_lines():
     assert out.startswith("\r") and out.endswith("20/20 rows (100%), 10 rows/s, 2.0s\n") and out.count("\n") == 1
 
 
-def test_progress_callable(tmp_path, data):
+@pytest.mark.parametrize("block_rows,done", [(8, (0, 8, 16, 24, 30)), (6, (0, 6, 12, 18, 24, 30))])
+def test_progress_callable(tmp_path, data, caplog, block_rows, done):
+    """block_rows is used as given; one that is not a multiple of chunk_rows gets a warning."""
     calls = []
-    ingest(data["x"], data["y"], tmp_path / "s.zarr", chunk_rows=CH, block_rows=8,
-           progress=lambda *a: calls.append(a))
-    assert calls == [("ingest", d, N) for d in (0, 8, 16, 24, 30)]
+    with caplog.at_level("WARNING", logger="unicon_dist.ingest"):
+        s = ingest(data["x"], data["y"], tmp_path / "s.zarr", chunk_rows=CH, block_rows=block_rows,
+                   progress=lambda *a: calls.append(a))
+    assert calls == [("ingest", d, N) for d in done]
+    assert s.history[-1]["block_rows"] == block_rows
+    warned = [r.getMessage() for r in caplog.records if r.name == "unicon_dist.ingest"]
+    assert warned == ([] if block_rows % CH == 0 else
+                      ["block_rows 6 is not a multiple of the store's chunk_rows 4: blocks of 6 rows are used as "
+                       "given, but each block boundary inside a chunk rewrites that chunk; block_rows 4 would "
+                       "write whole chunks"])
+    _check(s, data)
 
 
 # ------------------------------------------------------------------ CLI
@@ -343,7 +353,7 @@ def test_cli(tmp_path, data, capsys):
     argv = ["ingest", str(tmp_path / "x.npy"), f"{tmp_path / 'y.npz'}:y", "--out", str(out),
             "--labels", f"{tmp_path / 'y.npz'}:lab", "--chunk-rows", "4", "--block-rows", "8", "--no-progress"]
     assert main(argv + ["--label-names-file", str(tmp_path / "names.txt")]) == 0
-    assert "wrote rows 0-29 (30 rows)" in capsys.readouterr().out
+    assert "wrote rows 0-29 (30 rows) in blocks of 8 rows" in capsys.readouterr().out
     s = PairStore.open(out)
     _check(s, data, labels=True)
     assert s.label_names == ["zero", "one, with comma", "two"]

@@ -100,6 +100,20 @@ def test_bfloat16_storage(tmp_path):
     np.testing.assert_allclose(m_store.W_, m_mem.W_, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bool_rows_stored_as_zero_one(tmp_path, dtype):
+    """Numeric, bool included, as fit accepts: True/False are stored as 1/0 in the store dtype."""
+    s = _store(tmp_path, n=0, dtype=dtype)
+    x = np.arange(6 * DX).reshape(6, DX) % 3 == 0
+    y = np.arange(6 * DY).reshape(6, DY) % 2 == 1
+    assert s.append(x, y) == (0, 6)
+    rx, ry, _ = PairStore.open(s.path).read()
+    assert rx.dtype == np.float32
+    np.testing.assert_array_equal(rx, x.astype(np.float32))
+    np.testing.assert_array_equal(ry, y.astype(np.float32))
+    assert s.append(np.ones((2, DX), dtype=np.int8), y[:2]) == (6, 8)  # and mixed with integers
+
+
 def test_layout_chunks_and_zstd(tmp_path):
     s = _store(tmp_path, n=0, groups=True)
     grp = zarr.open_group(s.path, mode="r")

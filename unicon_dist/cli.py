@@ -198,6 +198,30 @@ def cmd_study(args) -> int:
     return 1 if any(r["status"] != "ok" for r in rows if r["id"] in ids) else 0
 
 
+# ---------------------------------------------------------------------------- check-store
+def cmd_check_store(args) -> int:
+    import json
+
+    from unicon_dist.store_check import check_store
+
+    report = check_store(args.path)  # not a pair store: ValueError / FileNotFoundError -> exit 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def _add_check_store_parser(sub) -> None:
+    chk = sub.add_parser(
+        "check-store", help="check a pair store on disk (schema, arrays, every chunk, strays), like fsck",
+        description="Read the pair store PATH chunk by chunk (O(chunk) memory) and report every problem: schema "
+                    "attributes, n_rows against the arrays' shapes, every chunk below n_rows present and decodable "
+                    "(zstd checksums), float rows finite, labels within label_names, the auxiliary arrays, and "
+                    "stray files (*.partial temporaries, unregistered auxiliary arrays, unknown files). Takes no "
+                    "lock and writes nothing. Exit status: 0 sound, 1 problems found, 2 PATH is not a pair store.")
+    chk.add_argument("path", type=Path, help="the pair store directory")
+    chk.add_argument("--json", action="store_true", help="print the report as JSON")
+    chk.set_defaults(func=cmd_check_store)
+
+
 # ---------------------------------------------------------------------------- ingest
 def _label_names_arg(args):
     if args.label_names_file is not None:
@@ -219,8 +243,10 @@ def cmd_ingest(args) -> int:
                    start_row=args.start_row, overwrite=args.overwrite, append=args.append,
                    label_names=_label_names_arg(args), progress=not args.no_progress,
                    command=["unicon-dist", *args.argv])
-    last = store.history[-1]["rows"] if store.history else [len(store), len(store)]
-    print(f"{store.path}: wrote rows {last[0]}-{last[1] - 1} ({last[1] - last[0]:,} rows) in "
+    entry = store.history[-1] if store.history else {}
+    last = entry.get("rows", [len(store), len(store)])
+    blocks = f" in blocks of {entry['block_rows']:,} rows" if "block_rows" in entry else ""
+    print(f"{store.path}: wrote rows {last[0]}-{last[1] - 1} ({last[1] - last[0]:,} rows){blocks} in "
           f"{time.perf_counter() - t0:.1f}s; the store holds {len(store):,} rows "
           f"(x {store.dim_x}, y {store.dim_y}, {store.dtype}, chunk_rows {store.chunk_rows})")
     return 0
@@ -246,7 +272,10 @@ def _add_ingest_parser(sub) -> None:
                      help="storage dtype of a new store (default float32; appending keeps the store's)")
     ing.add_argument("--chunk-rows", type=int, default=None, help="rows per chunk of a new store")
     ing.add_argument("--block-rows", type=int, default=None,
-                     help="rows read, checked and committed at once (default: about 128 MiB)")
+                     help="rows read, checked and committed at once, used exactly as given (it bounds memory); "
+                          "best a multiple of the store's chunk_rows, else each block boundary rewrites a chunk "
+                          "and a warning names a multiple to use (default: a multiple of chunk_rows of about "
+                          "128 MiB); the value used is printed")
     ing.add_argument("--start-row", type=int, default=0, help="first source row (to resume a failed ingest)")
     mode = ing.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="append to OUT (created if missing)")
@@ -332,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.set_defaults(func=cmd_study)
 
     _add_ingest_parser(sub)
+    _add_check_store_parser(sub)
     return parser
 
 

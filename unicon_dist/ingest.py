@@ -36,6 +36,7 @@ row before the failing block, and the error says which source row to resume from
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
@@ -57,6 +58,8 @@ import zarr
 from .store import STORE_DTYPES, PairStore, _is_pair_store, cast_to_storage, storage_itemsize
 
 __all__ = ["ingest", "IngestError", "open_source"]
+
+log = logging.getLogger(__name__)
 
 _ROLES_2D = ("x", "y")
 _BLOCK_BYTES = 128 * 2**20  # a block's source rows plus their casts; peak is about twice this
@@ -658,10 +661,13 @@ def ingest(x_source, y_source, store_path, *, groups=None, labels=None, dtype=No
         Class names for ``labels``; label values must lie in ``[0, len(label_names))``.
         When appending to a store that has names they must be equal.
     block_rows : int, optional
-        Rows per block (per append), rounded up to a multiple of the store's
-        ``chunk_rows``.  Default: about 128 MiB of source rows plus their casts
-        (peak memory is about twice the block).
-        Memory use is O(block_rows), independent of n.
+        Rows per block (per append), used as given: memory use is O(block_rows),
+        independent of n.  A multiple of the store's ``chunk_rows`` is best: then every
+        append writes whole chunks, while other values make each block boundary inside a
+        chunk rewrite that chunk (a warning says so and names a multiple to use).
+        Default: a multiple of ``chunk_rows`` of about 128 MiB of source rows plus their
+        casts (peak memory is about twice the block).  The value used is recorded in the
+        history record (``"block_rows"``).
     start_row : int
         First source row to ingest (the ``resume_row`` of an earlier
         :class:`IngestError`; the rows before it are skipped).
@@ -786,9 +792,17 @@ def _prepare_store(src: dict, store_path: Path, *, dtype, chunk_rows, append, ov
 def _stream(src: dict, store: PairStore, start_row: int, block_rows, report, record: dict) -> None:
     n = src["x"].shape[0] - start_row
     sources = list(src.values())
+    ch = store.chunk_rows
     if block_rows is None:
-        block_rows = _default_block_rows(sources, store.dtype, store.chunk_rows)
-    block_rows = -(-int(block_rows) // store.chunk_rows) * store.chunk_rows
+        block_rows = _default_block_rows(sources, store.dtype, ch)
+    elif block_rows % ch:
+        # honoured (it is the caller's memory bound), but not silently slower
+        better = max(ch, block_rows // ch * ch)
+        log.warning("block_rows %d is not a multiple of the store's chunk_rows %d: blocks of %d rows are used as "
+                    "given, but each block boundary inside a chunk rewrites that chunk; block_rows %d would "
+                    "write whole chunks", block_rows, ch, block_rows, better)
+    block_rows = int(block_rows)
+    record["block_rows"] = block_rows
     store_start = len(store)
     sizes = _plan_blocks(store_start, n, block_rows)
     lazy = {role: s.to_dask(start_row, sizes) for role, s in src.items()} if sizes else {}
