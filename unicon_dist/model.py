@@ -706,6 +706,11 @@ class UniCon:
             after = op.phase_seconds()
             # the next step's statistics give L at W_k (pass 1 only when this is the last step)
             op.release()
+            # drop the old operator (and, matrix-free, C, which is that operator) before
+            # building the next: its loader holds n-row embeddings, and two alive at once
+            # double the working memory
+            C = None if self._matrix_free else C
+            op = None
             op = make_operator(F1, F2)
             phases = _phases(before, after, op.phase_seconds(), t_svd, self._matrix_free)
             objective = op.loss + 0.5 * self.rho * float(torch.linalg.norm(W) ** 2)
