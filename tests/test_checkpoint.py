@@ -20,6 +20,7 @@ from unicon_dist.checkpoint import FORMAT, array_digest, load_checkpoint, read_c
 from unicon_dist.cli import main
 from unicon_dist.whitening import FeatureWhitening, Moments
 
+from _budgets import panel_budget
 from _options import PAPER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_checkpoint_history_has_every_iteration(tmp_path, data):
 
 # --------------------------------------------------------------------------- pair store
 def test_resume_store_equals_uninterrupted(tmp_path, monkeypatch, store_path):
-    options = dict(NYSTROEM, memory_budget=1 << 20)
+    options = dict(NYSTROEM, memory_budget=panel_budget(store_path, rows=100, **NYSTROEM))
     reference = ud.UniCon(**options).fit(store_path)
     ckpt = tmp_path / "store.ckpt.npz"
     with monkeypatch.context() as mp:
@@ -208,7 +209,8 @@ _CHILD = textwrap.dedent("""\
 
 def test_sigkill_driver_after_iteration_k_then_resume(tmp_path, store_path):
     """A real driver process is killed with SIGKILL once its checkpoint reports iteration k."""
-    options, k = dict(OSCILLATING, max_iter=8, memory_budget=1 << 20), 2
+    options = dict(OSCILLATING, max_iter=8)
+    options, k = dict(options, memory_budget=panel_budget(store_path, rows=100, **options)), 2
     ckpt = tmp_path / "killed.ckpt.npz"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would block the driver
@@ -358,7 +360,7 @@ def test_solve_resume_end_to_end(tmp_path, monkeypatch, capsys, data):
         temperature = 0.1
         max_iter = 5
         tol = 0.0
-        memory_budget = "1MiB"
+        memory_budget = "4MiB"
 
         [output]
         model = "runs/model.npz"
@@ -393,7 +395,7 @@ def test_solve_resume_end_to_end(tmp_path, monkeypatch, capsys, data):
     # job reads the store through its own handle and plans), so float32 tiles may round
     # differently; C is accumulated in float64 from float32 tiles of ~80 rows, so the
     # iterates agree to a few float32 ulps amplified by the 5 steps
-    direct = ud.UniCon(rank=3, temperature=0.1, max_iter=5, tol=0.0, memory_budget=1 << 20).fit(
+    direct = ud.UniCon(rank=3, temperature=0.1, max_iter=5, tol=0.0, memory_budget=4 << 20).fit(
         tmp_path / "train.zarr")
     np.testing.assert_allclose(model.W_, direct.W_, rtol=1e-4, atol=1e-5 * np.abs(direct.W_).max())
     metrics = json.loads((tmp_path / "runs" / "metrics.json").read_text())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import unicon_dist as ud
+from _budgets import panel_budget
 from _refs import rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -113,7 +114,8 @@ def test_store_fit_verify_and_reload(device, tmp_path):
     store.append(X[400:], Y[400:])
     opts = dict(rank=4, kernel="rbf", n_landmarks=48, max_iter=3, seed=0, negatives=256)
     ref = ud.UniCon(device="cpu", dtype="float64", **opts).fit(X, Y)
-    model = ud.UniCon(device=device, dtype="float64", verify="full", memory_budget=1_400_000, **opts).fit(store)
+    model = ud.UniCon(device=device, dtype="float64", verify="full",
+                      memory_budget=panel_budget(store, dtype="float64", verify="full", **opts), **opts).fit(store)
     assert rel_err(model.W_, ref.W_) < 1e-8
     assert model.diagnostics_["verify"]["c_rel_error"] == 0.0  # float64 tiles: nothing to find
     model.save(tmp_path / "model.npz")

@@ -12,6 +12,8 @@ from unicon_dist.closed_form import closed_form_step, fixed_point_residual, spec
 from unicon_dist.diagnostics import flatten_diagnostics, format_diagnostics
 from unicon_dist.kernels import get_kernel
 from unicon_dist.nystrom import NystroemMap, spectrum_summary
+
+from _budgets import panel_budget
 from unicon_dist.randomized import randomized_svd
 from unicon_dist.streamed import statistics_summary
 
@@ -261,7 +263,8 @@ def test_verifier_on_a_store_fit_matches_the_in_memory_one(tmp_path):
     store = ud.PairStore.create(tmp_path / "s.zarr", X.shape[1], Y.shape[1])
     store.append(X, Y)
     mem = ud.UniCon(rank=3, negatives=50, max_iter=3, verify="full").fit(X.astype(np.float32), Y.astype(np.float32))
-    disk = ud.UniCon(rank=3, negatives=50, max_iter=3, verify="full", memory_budget=1 << 20).fit(store)
+    disk = ud.UniCon(rank=3, negatives=50, max_iter=3, verify="full",
+                     memory_budget=panel_budget(store, rows=60, rank=3, negatives=50, verify="full")).fit(store)
     a, b = mem.diagnostics_["verify"], disk.diagnostics_["verify"]
     assert b["tiles_total"] >= a["tiles_total"]
     assert b["c_rel_error"] == pytest.approx(a["c_rel_error"], rel=0.5)

@@ -137,6 +137,8 @@ def test_missing_required_tables_and_keys(workdir):
     ("loss = {margin = 1.0}", '[model] loss: needs a string key "name"'),
     ("negatives = 0", "[model] negatives batch size must be positive, got 0"),
     ('negatives = "half"', "[model] negatives must be 'full' or a positive batch size, got 'half'"),
+    ("negatives = 1", "[model] negatives batch size must be at least 2, got 1"),
+    ('kernel = {name = "laplacian", bandwidth = -1}', "[model] kernel: laplacian kernel bandwidth must be a finite"),
     ("negatives = 2.5", "[model] negatives must be a string or an integer, got 2.5 (float)"),
     ('similarity = "l2"', "[model] similarity must be one of"),
     ('factorization = "qr"', "[model] factorization must be one of"),
@@ -166,6 +168,38 @@ def test_model_option_types_and_ranges(workdir, line, message):
     body[line.split("=")[0].strip()] = line
     errs = errors_of(workdir, model="\n".join(body.values()))
     assert len(errs) == 1 and errs[0].startswith(message), errs
+
+
+def test_model_table_reports_every_bad_value_at_once(workdir):
+    # each is well typed, so only UniCon's own validation sees them; it stops at its first
+    errs = errors_of(workdir, model="rank = 0\ntemperature = -1\ndamping = 2.0")
+    assert errs == [
+        "[model] rank must be a positive integer, got 0",
+        "[model] temperature must be a finite number > 0, got -1.0",
+        "[model] damping must be a number in (0, 1], got 2.0",
+    ]
+
+
+def test_model_table_reports_every_kind_of_problem_at_once(workdir):
+    body = textwrap.dedent("""\
+        rank = 4
+        bogus = 1
+        max_iter = "3"
+        kernel = {name = "rbf", bandwidth = 0}
+        negatives = 1
+        loss = {name = "sigmoid"}
+        temperature = -1
+        """)
+    errs = errors_of(workdir, model=body)
+    expected = ["[model] unknown key 'bogus'", "[model] max_iter must be an integer, got '3' (string)",
+                "[model] kernel: rbf kernel bandwidth must be a finite number > 0",
+                "[model] negatives batch size must be at least 2, got 1",
+                "[model] temperature must be a finite number > 0, got -1"]
+    assert len(errs) == len(expected), errs
+    for fragment in expected:
+        assert sum(e.startswith(fragment) for e in errs) == 1, (fragment, errs)
+    # the loss table carries τ, but a bad τ is reported once, under its own key
+    assert not any(e.startswith("[model] loss") for e in errs), errs
 
 
 def test_model_options_that_are_accepted(workdir):

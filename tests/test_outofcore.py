@@ -9,6 +9,8 @@ import unicon_dist as ud
 from unicon_dist.planning import plan_panels
 from unicon_dist.versions import SAMPLE_ROWS
 
+from _budgets import panel_budget
+
 
 def _data(n=700, dx=12, dy=10, seed=0, n_groups=None):
     rng = np.random.default_rng(seed)
@@ -54,21 +56,6 @@ class SpyStore:
         return self._store.read(rows)
 
 
-def small_budget(n, dx, dy, mx, my, rank, rows=260):
-    """The smallest budget (to 1 %) whose panels hold ``rows`` of the n rows."""
-    budget = 1 << 16
-    sizes = dict(dim_x=dx, dim_y=dy, features_x=mx, features_y=my, rank=rank)
-    while True:
-        try:
-            if plan_panels(n, memory_budget=budget, **sizes).panel_rows >= rows:
-                return budget
-        except ValueError:
-            pass
-        budget = int(budget * 1.01)
-
-
-SMALL_BUDGET = small_budget(700, 12, 10, 12, 10, 6)
-
 CASES = [
     # (store, model options)
     ("plain", dict()),
@@ -94,8 +81,7 @@ def test_store_fit_equals_in_memory_fit(stores, name, options, budget):
     params = dict(rank=6, temperature=0.3, max_iter=2, tol=0.0)
     params.update(options)
     if budget is not None:
-        m = options.get("n_landmarks")
-        budget = small_budget(len(store), X.shape[1], Y.shape[1], m or X.shape[1], m or Y.shape[1], 6)
+        budget = panel_budget(store, **params)
     params["memory_budget"] = budget
     ref = ud.UniCon(**params).fit(X, Y, groups=g)
     spy = SpyStore(store)
@@ -143,7 +129,7 @@ def test_store_fit_errors(stores, tmp_path):
         ud.UniCon(rank=4).fit(X, Y, executor=ud.LocalExecutor())
     with pytest.raises(ValueError, match="landmarks='kmeans\\+\\+' needs every row in memory"):
         ud.UniCon(rank=4, kernel="rbf", landmarks="kmeans++").fit(store)
-    with pytest.raises(ValueError, match="memory_budget=100000 bytes is too small for 700 pairs"):
+    with pytest.raises(ValueError, match=r"memory_budget=.* \(100000 bytes\) is too small for 700 pairs"):
         ud.UniCon(rank=4, memory_budget=100_000).fit(store)
     with pytest.raises(ValueError, match="rank=20 exceeds"):
         ud.UniCon(rank=20).fit(store)
@@ -168,7 +154,8 @@ def test_missing_chunk_during_fit_names_it(tmp_path):
 def test_progress_is_logged_for_store_fits(stores, caplog):
     store = stores["plain"][0]
     with caplog.at_level(logging.INFO, logger="unicon_dist.model"):
-        ud.UniCon(rank=4, temperature=0.3, max_iter=1, verbose=True, memory_budget=SMALL_BUDGET).fit(store)
+        budget = panel_budget(store, rank=4, temperature=0.3)
+        ud.UniCon(rank=4, temperature=0.3, max_iter=1, verbose=True, memory_budget=budget).fit(store)
     text = caplog.text
     assert "panels of" in text and "statistics:" in text and "product:" in text and "iteration 1" in text
 

@@ -8,6 +8,8 @@ import psutil
 import pytest
 
 import unicon_dist as ud
+
+from _budgets import panel_budget
 from unicon_dist.ray_executor import assign_panels
 
 ray = pytest.importorskip("ray")
@@ -59,8 +61,9 @@ CASES = [
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("name, options", CASES)
 def test_ray_fit_equals_local_fit(stores, executors, name, options, workers):
-    params = dict(rank=5, temperature=0.3, max_iter=2, tol=0.0, memory_budget=BUDGET)
+    params = dict(rank=5, temperature=0.3, max_iter=2, tol=0.0)
     params.update(options)
+    params["memory_budget"] = panel_budget(stores[name], **params)
     local = ud.UniCon(**params).fit(stores[name])
     dist = ud.UniCon(**params).fit(stores[name], executor=executors[workers])
     assert local.plan_.panel_rows < len(stores[name])

@@ -19,6 +19,8 @@ import pytest
 
 import unicon_dist as ud
 
+from _budgets import panel_budget
+
 pytest.importorskip("ray")
 if not sys.platform.startswith("linux"):
     pytest.skip("network namespaces are Linux only", allow_module_level=True)
@@ -40,7 +42,7 @@ if _dashboard_missing() is not None:  # the job server lives in the dashboard: r
                 allow_module_level=True)
 
 # memory_budget: panels of 272 rows, so each of the two workers owns at least one of the 3
-OPTIONS = dict(rank=4, temperature=0.3, max_iter=2, tol=0.0, memory_budget=300_000)
+OPTIONS = dict(rank=4, temperature=0.3, max_iter=2, tol=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +70,14 @@ def _store(path, n=600, seed=0):
 def test_solve_job_submitted_to_a_two_node_cluster(cluster, tmp_path):
     store_path = tmp_path / "pairs.zarr"
     _store(store_path)
+    options = dict(OPTIONS, memory_budget=panel_budget(store_path, rows=272, **OPTIONS))
     out = tmp_path / "out"
     model_path, metrics_path = out / "model.npz", out / "metrics.json"
     # the working dir holds only the job file: its paths are absolute (the uploaded copy
     # lives elsewhere); the store and outputs are on storage both nodes see (this machine)
     submit_dir = tmp_path / "submit"
     submit_dir.mkdir()
-    model_table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in OPTIONS.items())
+    model_table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
     (submit_dir / "job.toml").write_text(
         f"[data]\nstore = {json.dumps(str(store_path))}\n\n"
         f"[model]\n{model_table}\n\n"
@@ -107,7 +110,7 @@ def test_solve_job_submitted_to_a_two_node_cluster(cluster, tmp_path):
     assert record["fit"]["n_iter"] == 2
 
     dist = ud.UniCon.load(model_path)
-    local = ud.UniCon(**OPTIONS).fit(str(store_path), executor=ud.LocalExecutor())
+    local = ud.UniCon(**options).fit(str(store_path), executor=ud.LocalExecutor())
     assert local.plan_.panel_rows <= 300  # the passes really were split into panels, ≥ 1 per worker
     np.testing.assert_allclose(dist.W_, local.W_, rtol=0, atol=1e-6 * np.abs(local.W_).max())
     np.testing.assert_allclose([h["loss"] for h in dist.history_], [h["loss"] for h in local.history_], rtol=1e-6)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .persistence import _HEADER, atomic_save_npz, load_npz
+from .persistence import atomic_save_npz, load_npz, read_header
 
 __all__ = [
     "FORMAT",
@@ -49,6 +49,10 @@ __all__ = [
 FORMAT = "unicon_dist.checkpoint/1"
 # rows hashed by array_digest: enough to tell data sets apart, cheap for millions of rows
 _DIGEST_ROWS = 4096
+# header keys a resumed fit reads
+_KEYS = ("fingerprint", "iteration", "finished", "converged", "history", "initial_loss", "best", "maps")
+# a fit without resume refuses to replace a file it cannot read as a checkpoint, so only deleting it starts over
+_HINT = "delete it to start the fit over without it"
 
 
 def _as_numpy(A) -> np.ndarray:
@@ -168,34 +172,21 @@ def read_checkpoint_header(path) -> dict:
     ------
     FileNotFoundError
         No such file.
-    ValueError
-        Not a readable unicon_dist checkpoint (another artifact, a torn or foreign file).
+    ArtifactError
+        (a ValueError, :mod:`unicon_dist.persistence`) naming the file: not a unicon_dist
+        checkpoint (another artifact, a foreign file), or a damaged one -- then the
+        message says that deleting it starts the fit over.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:  # members are read lazily
-            if _HEADER not in data.files:
-                raise ValueError("no header")
-            header = json.loads(str(data[_HEADER]))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
-    _check_format(path, header)
-    return header
-
-
-def _check_format(path, header: dict) -> None:
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a unicon_dist checkpoint (format {header.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+    return read_header(path, kind="checkpoint", format=FORMAT, keys=_KEYS, hint=_HINT)
 
 
 def load_checkpoint(path) -> tuple[dict, dict]:
-    """(header, arrays) of a checkpoint written by :func:`write_checkpoint`."""
-    header, arrays = load_npz(path)
-    _check_format(path, header)
-    return header, arrays
+    """(header, arrays) of a checkpoint written by :func:`write_checkpoint`.
+
+    Raises as :func:`read_checkpoint_header` does, and also when an array is missing,
+    unreadable, or holds NaN or Inf (a written checkpoint never does).
+    """
+    return load_npz(path, kind="checkpoint", format=FORMAT, keys=_KEYS, required=("F1", "F2", "W"), hint=_HINT)
 
 
 def write_checkpoint(path, header: dict, arrays: dict) -> Path:

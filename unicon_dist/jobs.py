@@ -48,7 +48,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .diagnostics import format_diagnostics
+from .persistence import atomic_write
 from .planning import format_bytes, parse_bytes
 
 __all__ = [
@@ -95,20 +95,10 @@ class JobError(ValueError):
 
 # --------------------------------------------------------------------------- helpers
 def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` (UTF-8) to ``path`` atomically, through :func:`unicon_dist.persistence.atomic_write`."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def _num(v) -> str:
@@ -415,8 +405,11 @@ def _model_kwargs(table: dict) -> tuple[dict, list[str]]:
                 spec = dict(value)
                 if not isinstance(spec.get("name"), str):
                     raise ValueError('needs a string key "name", e.g. {name = "sigmoid", bias = -10.0}')
-                value = get_loss(spec.pop("name"), temperature=table.get("temperature", UniCon().temperature),
-                                 nu=table.get("nu", 1.0), **spec)
+                # the loss object carries τ and ν; a bad one is reported under its own key, so
+                # the table is checked with the default instead of failing a second time here
+                shared = {k: table[k] if k in table and _option_error(k, table[k]) is None else getattr(UniCon(), k)
+                          for k in ("temperature", "nu")}
+                value = get_loss(spec.pop("name"), **shared, **spec)
             elif key == "memory_budget":
                 value = parse_bytes(value)
             elif key == "whiten" and isinstance(value, bool):
@@ -430,15 +423,33 @@ def _model_kwargs(table: dict) -> tuple[dict, list[str]]:
     return kwargs, errors
 
 
+def _option_error(key: str, value) -> str | None:
+    """UniCon's own validation of the one option ``key``, the others at their defaults."""
+    from .model import UniCon
+
+    try:
+        UniCon(**{key: value})._validate_params()
+    except (ValueError, TypeError) as exc:
+        return f"[model] {exc}"
+    return None
+
+
 def _check_model(kwargs: dict) -> list[str]:
-    """Construct UniCon and run its own parameter validation (no data involved)."""
+    """Construct UniCon and run its own parameter validation (no data involved).
+
+    ``_validate_params`` stops at its first problem, so when it fails each option is
+    validated on its own (the others at their defaults, which are valid) to report every
+    bad one.  An error that no option shows alone is a constraint between options (e.g. a
+    temperature the chosen loss refuses) and is reported as the joint check gave it.
+    """
     from .model import UniCon
 
     try:
         model = UniCon(**kwargs)
         _, kernels, _, _ = model._validate_params()
     except (ValueError, TypeError) as exc:
-        return [f"[model] {exc}"]
+        alone = [e for e in (_option_error(k, v) for k, v in kwargs.items()) if e is not None]
+        return alone or [f"[model] {exc}"]
     nystroem = model.n_landmarks is not None or any(k.name != "linear" for k in kernels)
     if nystroem and model.landmarks != "uniform":
         return [f"[model] landmarks = {model.landmarks!r} needs every row in memory; a job fits from a pair "

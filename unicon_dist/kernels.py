@@ -5,11 +5,16 @@ block sizes and holds no data.  Data-dependent parameters (the median-heuristic
 bandwidth of "rbf" and "laplacian", the default γ of "polynomial") are resolved once
 by :meth:`Kernel.resolve` from a sample and then stored as plain numbers, so a saved
 model reproduces its kernel exactly.
+
+Parameters are checked when a kernel is constructed (a ValueError naming the kernel and
+the parameter): a bandwidth of 0 or a negative γ would otherwise surface as a division by
+zero or a kernel that is not positive semi-definite, deep inside a pass.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -55,6 +60,28 @@ def _angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     theta = 2.0 * torch.atan2(torch.cdist(ua, ub, compute_mode=mode), torch.cdist(ua, -ub, compute_mode=mode))
     zero = (torch.linalg.norm(A, dim=1)[:, None] == 0) | (torch.linalg.norm(B, dim=1)[None, :] == 0)
     return torch.where(zero, torch.full_like(theta, math.pi / 2), theta)
+
+
+def _is_real(v) -> bool:
+    # bool is an int subclass, but True as a bandwidth or degree is a mistake, not a 1
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_number(kernel: str, name: str, value, *, none_means: str | None = None, zero: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite real > 0 (>= 0 with ``zero``).
+
+    ``none_means``: None is allowed too, and the message says what it stands for.
+    """
+    if value is None and none_means is not None:
+        return
+    if not (_is_real(value) and math.isfinite(value) and (value >= 0 if zero else value > 0)):
+        alt = "" if none_means is None else f" or None ({none_means})"
+        raise ValueError(f"{kernel} kernel {name} must be a finite number {'>=' if zero else '>'} 0{alt}, "
+                         f"got {value!r}")
 
 
 def median_sample(n: int, seed: int) -> np.ndarray | None:
@@ -128,6 +155,11 @@ class RBF(Kernel):
     bandwidth: float | None = None
     name = "rbf"
 
+    def __post_init__(self):
+        # σ = 0 divides by zero in every tile, σ < 0 squares to a valid-looking kernel that
+        # a saved model would then carry: both are refused here rather than inside a pass
+        _check_number(self.name, "bandwidth", self.bandwidth, none_means="the median heuristic")
+
     def __call__(self, A, B):
         return torch.exp(_sq_dists(A, B) * (-0.5 / self.bandwidth**2))
 
@@ -144,6 +176,10 @@ class Laplacian(Kernel):
 
     bandwidth: float | None = None
     name = "laplacian"
+
+    def __post_init__(self):
+        # σ < 0 gives exp(+‖a − b‖₁/|σ|), which grows with distance and is not positive definite
+        _check_number(self.name, "bandwidth", self.bandwidth, none_means="the median heuristic")
 
     def __call__(self, A, B):
         return torch.exp(torch.cdist(A, B, p=1.0) * (-1.0 / self.bandwidth))
@@ -163,6 +199,15 @@ class Polynomial(Kernel):
     gamma: float | None = None
     coef0: float = 1.0
     name = "polynomial"
+
+    def __post_init__(self):
+        # (γ aᵀb + c)^d is positive semi-definite for an integer d >= 1, γ > 0 and c >= 0
+        # (a sum of products of linear kernels with nonnegative weights); a fractional d
+        # of a negative base is NaN, and γ = 0 or d = 0 is a constant kernel
+        if not (_is_integer(self.degree) and self.degree >= 1):
+            raise ValueError(f"polynomial kernel degree must be an integer >= 1, got {self.degree!r}")
+        _check_number(self.name, "gamma", self.gamma, none_means="1 / the input dimension")
+        _check_number(self.name, "coef0", self.coef0, zero=True)
 
     def __call__(self, A, B):
         return (self.gamma * (A @ B.T) + self.coef0) ** self.degree
@@ -199,7 +244,8 @@ class ArcCosine(Kernel):
     name = "arccos"
 
     def __post_init__(self):
-        if self.order not in (0, 1):
+        # True == 1 and 1.0 == 1 would pass a bare ``in (0, 1)``
+        if not _is_integer(self.order) or self.order not in (0, 1):
             raise ValueError(f"arc-cosine kernel order must be 0 or 1, got {self.order!r}")
 
     def __call__(self, A, B):

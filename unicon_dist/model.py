@@ -20,8 +20,11 @@ from .losses import get_loss, loss_from_params
 from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
 from .whitening import FeatureWhitening, Moments
 from .persistence import atomic_save_npz, load_npz
+from .positives import canonical_groups
 from .progress import LogProgress
-from .rows import StoreRows, embed, features, inverse_norms
+from .planning import (feature_map_bytes, feature_transform_row_bytes, landmark_selection_bytes, parse_bytes,
+                       step_bytes)
+from .rows import ArrayPairs, StoreRows, embed, features, inverse_norms
 from .versions import check_appended, store_provenance
 from .streamed import CrossProductOperator, make_batches
 from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
@@ -341,11 +344,21 @@ class UniCon:
             raise ValueError(f"damping must be a number in (0, 1], got {self.damping!r}")
         if self.svd not in SVD_SOLVERS:
             raise ValueError(f"svd must be one of {SVD_SOLVERS}, got {self.svd!r}")
+        self._budget_bytes()
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype of the tile arithmetic must be float32 or float64, got {self.dtype!r}")
         return loss_fn, kernels, device, dtype
+
+    def _budget_bytes(self) -> int | None:
+        """``memory_budget`` in bytes (None when no budget is set)."""
+        if self.memory_budget is None:
+            return None
+        try:
+            return parse_bytes(self.memory_budget)
+        except ValueError as exc:
+            raise ValueError(f"memory_budget {exc}") from None
 
     # -------------------------------------------------------------- fitting
     def fit(self, X, Y=None, groups=None, *, executor=None, checkpoint=None, resume=False):
@@ -382,6 +395,15 @@ class UniCon:
         -------
         self
 
+        Raises
+        ------
+        ValueError
+            Invalid options (checked before any data is read), and settings that leave
+            nothing to contrast, before the first pass: ``groups`` putting every row in
+            one group, or every batch of ``negatives`` holding a single group.  During the
+            iteration, a step whose matrix C is exactly 0 (e.g. a constant view with
+            ``center=True``): the map would be 0, and no fit is returned.
+
         Notes
         -----
         A fit from a store equals the in-memory fit on the same rows up to float
@@ -416,6 +438,16 @@ class UniCon:
         n = check_same_rows(X=X, Y=Y)
         if n < 2:
             raise ValueError(f"need at least 2 pairs to contrast, got {n}")
+        _check_negative_pairs(n, groups, self.negatives, self.batch_split, self.seed)
+        if self._budget_bytes() is not None:
+            # under a budget the rows stream through the panels of a store fit (nothing
+            # n-sized but the inputs themselves and the per-pair statistics)
+            def bases():
+                return [_base_map(self._fit_map(A, k, name)) for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y"))]
+
+            with self._checkpointing(checkpoint, resume, loss_fn, lambda: _ckpt.array_fingerprint(X, Y, groups), device):
+                return self._fit_store(ArrayPairs(X, Y, groups), None, None, loss_fn, kernels, device, dtype,
+                                       fit_bases=bases)
         with self._checkpointing(checkpoint, resume, loss_fn, lambda: _ckpt.array_fingerprint(X, Y, groups), device):
             bases = [_base_map(self._fit_map(A, k, name))
                      for A, k, name in ((X, kernels[0], "X"), (Y, kernels[1], "Y"))]
@@ -512,6 +544,8 @@ class UniCon:
 
     def _fast_update(self, parent, store, loss_fn, device, dtype) -> "UniCon":
         """Fold the appended rows into the parent's C at its encoders; one SVD (see refit)."""
+        from .executors import LocalExecutor
+
         if not (parent.converged_ or getattr(parent, "stop_reason_", None) == "loss plateau"):
             raise ValueError("mode='fast' needs a model that stopped at its fixed point or at a loss plateau "
                              f"(this one: {getattr(parent, 'stop_reason_', None) or 'not converged'}; its C does not "
@@ -527,14 +561,16 @@ class UniCon:
         C = torch.as_tensor(parent.C_, dtype=torch.float64, device=device) * n_old
         loss_new = float("nan")
         if n > n_old:
+            plan = self._plan_passes(LocalExecutor(), store, n - n_old, self.n_features_x_, self.n_features_y_,
+                                     dtype, _landmark_counts((self.map_x_, self.map_y_)))
             rows = StoreRows(str(store.path), self.map_x_, self.map_y_, F1, F2, str(self.similarity), dtype,
                              str(device), _store=store)
             op = CrossProductOperator.from_loader(
                 _Shifted(rows, n_old), n - n_old, (self.n_features_x_, self.n_features_y_), int(self.rank),
                 loss=loss_fn, negatives=self.negatives, batch_split=self.batch_split, seed=self.seed,
                 groups=store.read_groups(slice(n_old, n)) if store.has_groups else None,
-                norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None, memory_budget=self.memory_budget,
-                device=device, dtype=dtype,
+                norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None, memory_budget=plan.tile_budget,
+                panel_rows=plan.panel_rows, device=device, dtype=dtype,
             )
             C += op.materialize() * (n - n_old)
             loss_new = op.loss
@@ -564,12 +600,15 @@ class UniCon:
         return self
 
     def _fit_store(self, store, groups, executor, loss_fn, kernels, device, dtype, maps=None, start=None,
-                   carry_from=None):
+                   carry_from=None, fit_bases=None):
         """The store fit.  ``maps``: keep these feature maps (a refit), or with ``carry_from``
         (the parent's maps) re-estimate their centring/whitening on all rows and carry the
-        warm start ``start`` over to the new whitening."""
+        warm start ``start`` over to the new whitening.  ``store`` may be an
+        :class:`~unicon_dist.rows.ArrayPairs` (a fit from arrays under a memory budget),
+        whose base feature maps ``fit_bases()`` fits from all rows in memory."""
         from .executors import LocalExecutor
 
+        arrays = isinstance(store, ArrayPairs)
         n = len(store)
         if n < 2:
             raise ValueError(f"pair store {store.path} holds {n} pairs; need at least 2 to contrast")
@@ -579,6 +618,7 @@ class UniCon:
             raise ValueError("fit(store) uses the store's own groups; pass groups=False to ignore them")
         elif store.has_groups:
             groups = store.read_groups()
+        _check_negative_pairs(n, groups, self.negatives, self.batch_split, self.seed)
         executor = LocalExecutor() if executor is None else executor
         # the driver of a distributed executor (e.g. a CPU-only Ray head) keeps its own
         # state -- feature maps, encoders, W -- on the CPU; ``device`` is where workers compute
@@ -589,21 +629,29 @@ class UniCon:
             return torch.as_tensor(x if side == "x" else y, device=driver)
 
         if maps is None:
-            maps = [
-                self._fit_map_rows(lambda rows, s=side: read(rows, s), n, dim, kernel, side.upper())
-                for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y))
-            ]
+            # every buffer planned before any work: the maps' sizes are bounded by their landmarks
+            bound = [self._map_size(kernel, n, dim) for kernel, dim in zip(kernels, (store.dim_x, store.dim_y))]
+            self._plan_passes(executor, store, n, *(dim if L is None else L for L, dim in
+                                                    zip(bound, (store.dim_x, store.dim_y))), dtype, bound,
+                              landmarks=arrays)
+            if fit_bases is not None:
+                maps = fit_bases()
+            else:
+                maps = [
+                    self._fit_map_rows(lambda rows, s=side: read(rows, s), n, dim, kernel, side.upper())
+                    for side, kernel, dim in (("x", kernels[0], store.dim_x), ("y", kernels[1], store.dim_y))
+                ]
             preprocess = True
         else:
             # a refit keeps its parent's maps, whitening included, unless it refreshes them
             preprocess = carry_from is not None
         mx = store.dim_x if maps[0] is None else maps[0].n_features
         my = store.dim_y if maps[1] is None else maps[1].n_features
-        itemsize = torch.finfo(dtype).bits // 8
-        self.plan_ = executor.plan(
-            n, dim_x=store.dim_x, dim_y=store.dim_y, features_x=mx, features_y=my, rank=int(self.rank),
-            itemsize=itemsize, store_itemsize=store.itemsize, memory_budget=self.memory_budget,
-        )
+        sizes = _landmark_counts(maps)
+        self.plan_ = self._plan_passes(executor, store, n, mx, my, dtype, sizes, landmarks=arrays and preprocess)
+        # the verifier's float64 passes, on the driver, within the same budget
+        verify_plan = None if self.verify is None else self._plan_passes(
+            LocalExecutor(), store, n, mx, my, torch.float64, sizes, landmarks=False)
         if preprocess:
             def read_pair(rows):
                 x, y, _ = store.read(rows)
@@ -613,7 +661,8 @@ class UniCon:
             if carry_from is not None and start is not None:
                 start = tuple(_carry_encoder(F, old, new) for F, old, new in zip(start, carry_from, maps))
         self.map_x_, self.map_y_ = maps
-        self.data_ = store_provenance(store, n)
+        self.data_ = ({"source": "arrays", "n_rows": int(n), "dim_x": store.dim_x, "dim_y": store.dim_y}
+                      if arrays else store_provenance(store, n))
         self._start(loss_fn, store.dim_x, store.dim_y, mx, my)
         if self.verbose:
             logger.info("fit from %s: %d pairs in panels of %d rows (%s)", store.path, n, self.plan_.panel_rows,
@@ -636,12 +685,89 @@ class UniCon:
             loader = StoreRows(str(store.path), self.map_x_, self.map_y_, F1, F2, str(self.similarity), precision,
                                str(device), _store=store)
             return LocalExecutor().cross_product_operator(
-                loader, n, (mx, my), int(self.rank), plan=self.plan_, loss=self.loss_fn_, negatives=self.negatives,
+                loader, n, (mx, my), int(self.rank), plan=verify_plan, loss=self.loss_fn_, negatives=self.negatives,
                 batch_split=self.batch_split, groups=groups, seed=self.seed,
                 norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None, device=device, dtype=precision,
             )
 
         return self._iterate(make_operator, driver, init=start, verifier_operator=verifier_operator, dtype=dtype)
+
+    def memory_plan(self, X, Y=None):
+        """The panel plan a fit on these data would follow, computed without reading a row.
+
+        Parameters
+        ----------
+        X, Y
+            As for :meth:`fit` (arrays, or a pair store and no Y).
+
+        Returns
+        -------
+        PanelPlan
+            Rows per panel and the bytes planned (``planned_bytes``), with the feature
+            maps at their largest (as many features as landmarks).  Without a
+            ``memory_budget`` an array fit holds all its rows instead (the plan is then
+            that of the 2 GiB default a store fit uses).
+
+        Raises
+        ------
+        ValueError
+            The options are invalid, or the budget cannot hold the fit; the message names
+            the smallest budget that can.
+        """
+        from .executors import LocalExecutor
+
+        _, kernels, device, dtype = self._validate_params()
+        store = _as_store(X)
+        if store is None:
+            if Y is None:
+                raise ValueError("Y is required when X is an array (or pass a PairStore as X)")
+            X, Y = check_matrix(X, "X", device=device), check_matrix(Y, "Y", device=device)
+            check_same_rows(X=X, Y=Y)
+            store = ArrayPairs(X, Y)
+        n = len(store)
+        dims = (store.dim_x, store.dim_y)
+        sizes = [self._map_size(kernel, n, dim) for kernel, dim in zip(kernels, dims)]
+        mx, my = (dim if L is None else L for L, dim in zip(sizes, dims))
+        plan = self._plan_passes(LocalExecutor(), store, n, mx, my, dtype, sizes,
+                                 landmarks=isinstance(store, ArrayPairs))
+        if self.verify is not None:  # the verifier's float64 passes must fit as well
+            self._plan_passes(LocalExecutor(), store, n, mx, my, torch.float64, sizes)
+        return plan
+
+    def _map_size(self, kernel, n: int, dim: int) -> int | None:
+        """Landmarks of the Nyström map of one view (None: the inputs are the features)."""
+        if self.n_landmarks is None and isinstance(kernel, Linear):
+            return None
+        return int(self.n_landmarks) if self.n_landmarks is not None else min(n, _DEFAULT_LANDMARKS)
+
+    def _plan_passes(self, executor, store, n: int, mx: int, my: int, dtype, sizes=(None, None), *,
+                     landmarks: bool = False):
+        """The :class:`~unicon_dist.PanelPlan` of passes over n rows of ``store``, the whole fit counted.
+
+        Besides the panels, tiles and per-pair statistics (:func:`~unicon_dist.plan_panels`),
+        the budget holds the step (C and its SVD, or the randomized SVD's blocks), the
+        Nyström maps of ``sizes`` landmarks (None: linear), the centring/whitening moments,
+        the store's read buffers and, with ``landmarks`` (a fit from arrays), the landmark
+        selection over all rows.  A budget that cannot hold them is a ValueError naming the
+        smallest one that can, raised before any row is read.
+        """
+        matrix_free = self._svd_plan(mx, my)[1]
+        extra = step_bytes(mx, my, int(self.rank), matrix_free=matrix_free, oversampling=int(self.svd_oversampling))
+        for L, dim, m in zip(sizes, (store.dim_x, store.dim_y), (mx, my)):
+            if L is not None:
+                extra += feature_map_bytes(L, dim)
+                if landmarks:
+                    extra += landmark_selection_bytes(n, L, str(self.landmarks))
+            if self.center or self.whiten is not None:
+                extra += 4 * 8 * m * m  # float64 moments, their eigendecomposition and the whitening matrix
+        extra += store.read_buffer_bytes()
+        # one view's transform runs at a time, on the rows of the panel being loaded
+        per_row = max([feature_transform_row_bytes(L) for L in sizes if L is not None], default=0)
+        return executor.plan(
+            n, dim_x=store.dim_x, dim_y=store.dim_y, features_x=mx, features_y=my, rank=int(self.rank),
+            itemsize=torch.finfo(dtype).bits // 8, store_itemsize=store.itemsize, memory_budget=self._budget_bytes(),
+            extra_bytes=extra, row_extra_bytes=per_row, what=f"pairs ({store.path})",
+        )
 
     def _start(self, loss_fn, dx, dy, mx, my):
         if self.rank > min(mx, my):
@@ -832,6 +958,18 @@ class UniCon:
             return_singular_values=True, return_info=True,
         )
         sigma = float(sig.mean())
+        if sigma == 0.0:
+            # The matrix factored is exactly 0: C = 0, and a damped target's W_prev term is
+            # either put on C's scale (0) or W_prev is 0 as well.  W = [C]_r/ρ = 0 then, and
+            # every row would encode as the zero vector.  That is a fixed point, but of a model that tells no two rows
+            # apart; an error names the cause, where a "converged" fit would hide it (and
+            # the cosine scale update below divides by this σ̄).
+            raise ValueError(
+                "nothing to learn: the matrix this step factors (C = Φ_Xᵀ S Φ_Y) is exactly 0, so the rank-r "
+                "map is 0 and every row would encode as the zero vector; C vanishes when no pair has a "
+                "negative to contrast (groups or batches with a single group) or when a view's features are "
+                "all zero (e.g. a constant view with center=True)"
+            )
         diag = {"svd_residual": info["residual"]}
         if not self._matrix_free and (not damped or svals_c is not None):
             diag["spectral_gap"] = info["spectral_gap"] if not damped else spectral_gap(svals_c, rank)
@@ -1036,7 +1174,7 @@ class UniCon:
         return CrossProductOperator(
             *self._embed(phi_x, phi_y, F1, F2), loss=self.loss_fn_, negatives=self.negatives,
             batch_split=self.batch_split, groups=groups,
-            seed=self.seed, memory_budget=self.memory_budget,
+            seed=self.seed,
             progress=LogProgress(logger, rows=phi_x.shape[0]) if self.verbose else None,
         )
 
@@ -1166,39 +1304,58 @@ class UniCon:
 
     @classmethod
     def load(cls, path) -> "UniCon":
-        """Read a model written by :meth:`save`."""
-        header, arrays = load_npz(path)
-        if header.get("format") != _FORMAT:
-            raise ValueError(f"{path}: unsupported model format {header.get('format')!r} (expected {_FORMAT!r})")
-        params = dict(header["params"])
-        loss_fn = loss_from_params(params.pop("loss"))
-        for key in ("kernel", "kernel_x", "kernel_y"):
-            if isinstance(params.get(key), dict):
-                params[key] = kernel_from_params(params[key]["kernel"])
-        model = cls(**params, loss=loss_fn)
-        maps = cls._maps_from_state(header["maps"], arrays)
-        model.map_x_, model.map_y_ = maps["x"], maps["y"]
-        model.svd_solver_ = header["svd_solver"]
-        model.loss_fn_ = loss_fn
-        model.F1_ = arrays["F1"]
-        model.F2_ = arrays["F2"]
-        model.W_ = model.F1_.T @ model.F2_
-        model.n_features_x_ = int(header["n_features_x"])
-        model.n_features_y_ = int(header["n_features_y"])
-        model.n_inputs_x_ = int(header["n_inputs_x"])
-        model.n_inputs_y_ = int(header["n_inputs_y"])
-        model.history_ = header["history"]
-        model.n_iter_ = int(header["n_iter"])
-        model.converged_ = bool(header["converged"])
-        model.stop_reason_ = header.get("stop_reason")
-        model.loss_ = float(header["loss"])
-        model.initial_loss_ = float(header["initial_loss"])
-        model.best_iteration_ = int(header["best_iteration"])
-        model.data_ = header.get("data")
-        model.lineage_ = header.get("lineage", [])
-        model.diagnostics_ = header.get("diagnostics")
-        model.C_ = arrays.get("C")
-        return model
+        """Read a model written by :meth:`save`.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such file.
+        ArtifactError
+            (a ValueError, :mod:`unicon_dist.persistence`) naming the file: it is damaged
+            (empty, zero-filled, truncated, a malformed header, NaN or Inf in an array)
+            or not a model (another file, a checkpoint).
+        """
+        from .persistence import ArtifactError
+
+        header, arrays = load_npz(path, kind="model", format=_FORMAT, required=("F1", "F2"), keys=(
+            "params", "maps", "svd_solver", "n_features_x", "n_features_y", "n_inputs_x", "n_inputs_y",
+            "history", "n_iter", "converged", "loss", "initial_loss", "best_iteration"))
+        try:
+            params = dict(header["params"])
+            loss_fn = loss_from_params(params.pop("loss"))
+            for key in ("kernel", "kernel_x", "kernel_y"):
+                if isinstance(params.get(key), dict):
+                    params[key] = kernel_from_params(params[key]["kernel"])
+            model = cls(**params, loss=loss_fn)
+            maps = cls._maps_from_state(header["maps"], arrays)
+            model.map_x_, model.map_y_ = maps["x"], maps["y"]
+            model.svd_solver_ = header["svd_solver"]
+            model.loss_fn_ = loss_fn
+            model.F1_ = arrays["F1"]
+            model.F2_ = arrays["F2"]
+            model.W_ = model.F1_.T @ model.F2_
+            model.n_features_x_ = int(header["n_features_x"])
+            model.n_features_y_ = int(header["n_features_y"])
+            model.n_inputs_x_ = int(header["n_inputs_x"])
+            model.n_inputs_y_ = int(header["n_inputs_y"])
+            model.history_ = header["history"]
+            model.n_iter_ = int(header["n_iter"])
+            model.converged_ = bool(header["converged"])
+            model.stop_reason_ = header.get("stop_reason")
+            model.loss_ = float(header["loss"])
+            model.initial_loss_ = float(header["initial_loss"])
+            model.best_iteration_ = int(header["best_iteration"])
+            model.data_ = header.get("data")
+            model.lineage_ = header.get("lineage", [])
+            model.diagnostics_ = header.get("diagnostics")
+            model.C_ = arrays.get("C")
+            return model
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # every key is there (checked above): a value has the wrong type or shape
+            written = header.get("version")
+            other = "" if written == __version__ else f" (or written by unicon_dist {written}, this is {__version__})"
+            raise ArtifactError(path, f"it is damaged{other}: its header and arrays do not describe a model "
+                                f"({type(exc).__name__}: {exc})", kind="model") from exc
 
 
 class _CheckpointRun:
@@ -1289,6 +1446,51 @@ class _Shifted:
         return self.loader(np.asarray(rows) + self.offset)
 
 
+def _check_negative_pairs(n: int, groups, negatives, batch_split: str, seed: int) -> None:
+    """Raise ValueError when ``groups`` leave the loss no negative pair to contrast.
+
+    Parameters
+    ----------
+    n : int
+        Number of pairs.
+    groups : array_like of int, shape (n,), or None
+        Group labels (None: one-to-one pairs).
+    negatives, batch_split, seed
+        As in :class:`UniCon`; negatives are drawn within the batches of
+        :func:`unicon_dist.streamed.make_batches` only.
+
+    Raises
+    ------
+    ValueError
+        If every row is in one group, or every batch of ``negatives`` holds a single
+        group: each pair is then a positive of every other it meets, C is 0 up to
+        round-off, and the fixed point would factor that round-off.
+
+    Notes
+    -----
+    Checked before the first pass because the passes cannot tell an exact 0 from the
+    round-off they produce (1e-14 in float64, 1e-8 in float32).  One-to-one pairs need no
+    check: ``make_batches`` refuses batches of one row, and any two rows are negatives.
+    """
+    labels = canonical_groups(groups, n)
+    if labels is None:
+        return
+    if labels.max() == 0:
+        raise ValueError(f"groups put all {n} pairs in one group: every pair is a positive of every other, so "
+                         "there is no negative pair to contrast; give the rows at least two groups or fit "
+                         "without groups")
+    batches = make_batches(n, negatives, seed, batch_split)
+    if batches is None:
+        return
+    g = labels[np.concatenate(batches)]
+    starts = np.cumsum([0] + [len(b) for b in batches[:-1]])
+    if np.array_equal(np.minimum.reduceat(g, starts), np.maximum.reduceat(g, starts)):
+        remedy = "larger batches, batch_split='random'" if batch_split == "contiguous" else "larger batches"
+        raise ValueError(f"with negatives={negatives} (batch_split={batch_split!r}) every batch holds a single "
+                         "group: within each batch every pair is a positive of every other, so there is no "
+                         f"negative pair to contrast; use {remedy} or negatives='full'")
+
+
 def _mean_singular_value(W, factors, rank: int) -> float:
     """Mean of the top-``rank`` singular values of W = F1ᵀF2: from the r×r core R1R2ᵀ of
     the QR factors of F1ᵀ and F2ᵀ when the factors are given, else from W itself."""
@@ -1298,6 +1500,11 @@ def _mean_singular_value(W, factors, rank: int) -> float:
     R1 = torch.linalg.qr(F1.T, mode="r")[1]
     R2 = torch.linalg.qr(F2.T, mode="r")[1]
     return float(torch.linalg.svdvals(R1 @ R2.T)[:rank].mean())
+
+
+def _landmark_counts(maps) -> list:
+    """Landmarks of each feature map (None where the inputs are the features)."""
+    return [None if _base_map(m) is None else int(_base_map(m).landmarks.shape[0]) for m in maps]
 
 
 def _base_map(fmap):

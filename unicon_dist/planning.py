@@ -7,10 +7,15 @@ kernel arithmetic from memory planning).
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
 
-__all__ = ["parse_bytes", "format_bytes", "TilePlan", "plan_tiles", "plan_feature_rows", "PanelPlan", "plan_panels"]
+__all__ = [
+    "parse_bytes", "format_bytes", "TilePlan", "plan_tiles", "plan_feature_rows", "PanelPlan", "plan_panels",
+    "step_bytes", "feature_map_bytes", "feature_transform_row_bytes", "landmark_selection_bytes",
+]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
@@ -29,7 +34,8 @@ def parse_bytes(value) -> int:
     """
     if isinstance(value, bool):
         raise ValueError(f"must be a byte count or a size string like '2GiB', got {value!r}")
-    if isinstance(value, int):
+    if isinstance(value, numbers.Integral):
+        value = int(value)
         if value < 1:
             raise ValueError(f"must be a positive number of bytes, got {value!r}")
         return value
@@ -157,6 +163,8 @@ _DEFAULT_PASS_BUDGET = 2 << 30
 _STATS_BYTES_PER_PAIR = 96
 _MIN_PANEL_ROWS = 256
 _TILE_BYTES = _DEFAULT_TILE_ELEMENTS * 16
+_SLACK = 0.15
+_RESIDENT_PANELS = 3
 
 
 @dataclass(frozen=True)
@@ -172,13 +180,26 @@ class PanelPlan:
     row_bytes : int
         Estimated bytes of one loaded row.
     fixed_bytes : int
-        Bytes independent of the panel size: per-pair statistics and tiles.
+        Bytes independent of the panel size: per-pair statistics, tiles and the
+        caller's ``extra_bytes`` (the step's C and SVD, feature maps, read buffers).
+    budget : int
+        The budget planned for.
+    bytes_per_panel_row : int
+        What each row of ``panel_rows`` costs at the peak of a pass: two resident
+        panels and pass 2's accumulator.
     """
 
     panel_rows: int
     tile_budget: int
     row_bytes: int
     fixed_bytes: int
+    budget: int = _DEFAULT_PASS_BUDGET
+    bytes_per_panel_row: int = 0
+
+    @property
+    def planned_bytes(self) -> int:
+        """The working memory this plan expects at its peak (at most 85 % of ``budget``)."""
+        return self.fixed_bytes + self.panel_rows * self.bytes_per_panel_row
 
 
 def plan_panels(
@@ -192,32 +213,113 @@ def plan_panels(
     itemsize: int = 4,
     store_itemsize: int = 4,
     memory_budget: int | None = None,
+    extra_bytes: int = 0,
+    row_extra_bytes: int = 0,
+    what: str = "pairs",
 ) -> PanelPlan:
-    """Panel size for a pass over n stored pairs within ``memory_budget`` bytes.
+    """Panel size for a pass over n pairs within ``memory_budget`` bytes.
 
-    A loaded row holds the stored x and y, both feature maps, the embeddings and the
+    A loaded row holds the read x and y, both feature maps, the embeddings and the
     row-scaled copies the passes make of them; pass 2 adds an accumulator and an operand
-    of at most max(m_x, m_y) columns for the row panel.  The O(n) per-pair statistics and
-    the tiles come off the budget first.
+    of at most max(m_x, m_y) columns for the row panel.  Two panels are resident at
+    once (a row panel, and a column panel while the next one loads), and room for a
+    third is kept for the allocator's fragmentation.  The O(n) per-pair
+    statistics, the tiles and ``extra_bytes`` (working memory outside the passes: see
+    :func:`step_bytes`, :func:`feature_map_bytes`) come off the budget first.
+
+    Parameters
+    ----------
+    memory_budget : int, optional
+        Bytes for the whole fit in this process (default 2 GiB).
+    extra_bytes : int
+        Bytes needed alongside the panels.
+    row_extra_bytes : int
+        Bytes per row of the panel being loaded beyond a loaded row (e.g. a Nyström
+        transform's temporaries, :func:`feature_transform_row_bytes`).
+    what : str
+        Names the rows in the error message (e.g. "pairs in store s.zarr").
 
     Raises
     ------
     ValueError
-        When the budget cannot hold the statistics and a panel of 256 rows.
+        When the budget cannot hold the fixed part and a panel of 256 rows (or of all
+        rows, when fewer); the message gives the smallest budget that would.
     """
     budget = _DEFAULT_PASS_BUDGET if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
-    tile = min(_TILE_BYTES, budget // 8)
+    # the plan fills (1 - slack) of the budget: the allocator's free lists, the
+    # interpreter's objects and small temporaries are not modelled; in
+    # benchmarks/bench_memory.py the peak exceeded a full plan by up to 8 %
+    usable = int(budget * (1 - _SLACK))
+    tile = min(_TILE_BYTES, usable // 8)
     row = store_itemsize * (dim_x + dim_y) + itemsize * (2 * (features_x + features_y) + 4 * rank)
     acc = itemsize * 2 * max(features_x, features_y)
-    fixed = n * _STATS_BYTES_PER_PAIR + tile
-    rows = (budget - fixed) // (2 * row + acc)
-    if rows < min(n, _MIN_PANEL_ROWS):
-        need = fixed + min(n, _MIN_PANEL_ROWS) * (2 * row + acc)
+    fixed = n * _STATS_BYTES_PER_PAIR + tile + int(extra_bytes)
+    # two panels are live (the row panel, and a column panel while the next one loads);
+    # a third is counted because glibc's allocator does not always reuse a freed panel's
+    # pages for the next one (bench_memory.py: peaks of the same fit varied by one panel)
+    per_row = _RESIDENT_PANELS * row + acc + int(row_extra_bytes)
+    rows = (usable - fixed) // per_row
+    smallest = min(n, _MIN_PANEL_ROWS)
+    if rows < smallest:
+        # the tiles take budget // 8 up to a cap, so the smallest budget solves
+        # b = fixed(b) + panel with tile = min(cap, b // 8)
+        panel = smallest * per_row
+        rest = n * _STATS_BYTES_PER_PAIR + int(extra_bytes) + panel
+        usable_need = rest + _TILE_BYTES if rest >= 7 * _TILE_BYTES else -(-rest * 8 // 7)
+        need = math.ceil(usable_need / (1 - _SLACK)) + 1
         raise ValueError(
-            f"memory_budget={budget} bytes is too small for {n} pairs: the per-pair statistics and tiles "
-            f"take {fixed} bytes and a panel of {min(n, _MIN_PANEL_ROWS)} rows {need - fixed} more; "
-            f"give at least {need} bytes"
+            f"memory_budget={format_bytes(budget)} ({budget} bytes) is too small for {n} {what}: "
+            f"the per-pair statistics take {format_bytes(n * _STATS_BYTES_PER_PAIR)}, the step, feature maps and "
+            f"read buffers {format_bytes(int(extra_bytes))}, the tiles {format_bytes(tile)} and a panel of "
+            f"{smallest} rows {format_bytes(panel)}; the smallest budget that fits is {format_bytes(need)} "
+            f"({need} bytes)"
         )
-    return PanelPlan(int(min(rows, n)), int(tile), int(row), int(fixed))
+    rows = int(min(rows, n))
+    return PanelPlan(rows, int(tile), int(row), int(fixed), budget, int(per_row))
+
+
+def step_bytes(features_x: int, features_y: int, rank: int, *, matrix_free: bool = False,
+               oversampling: int = 10) -> int:
+    """Bytes of one closed-form step outside the passes (float64).
+
+    The exact step holds C, its copy inside the SVD, the singular vectors (at most
+    min(m_x, m_y) of each side), W and the previous W: six m_x × m_y matrices at most.
+    The matrix-free step never forms C; the randomized SVD (Halko et al. 2011, Alg. 4.4)
+    keeps test, range and product blocks of (m_x + m_y) × (rank + oversampling), about
+    six of them, and the encoders.
+    """
+    mx, my = int(features_x), int(features_y)
+    if matrix_free:
+        return 8 * (6 * (mx + my) * (int(rank) + int(oversampling)) + 2 * (mx + my) * int(rank))
+    return 8 * 6 * mx * my
+
+
+def feature_map_bytes(n_landmarks: int, dim: int) -> int:
+    """Bytes of a fitted Nyström map: landmarks and K_LL^{-1/2} with the eigendecomposition
+    that forms it (float64)."""
+    L = int(n_landmarks)
+    return 8 * (L * int(dim) + 3 * L * L)
+
+
+def feature_transform_row_bytes(n_landmarks: int) -> int:
+    """Working memory of a Nyström transform per row transformed: the float64 kernel
+    block, product buffer and distance temporary (blocks of :func:`plan_feature_rows`
+    rows at most, so an upper bound for every panel size)."""
+    return 3 * int(n_landmarks) * 8
+
+
+def landmark_selection_bytes(n: int, n_landmarks: int, method: str) -> int:
+    """Bytes the landmark selection holds over n rows (kept in memory: an array fit).
+
+    "uniform" needs nothing per row; "kmeans++" keeps float64 squared distances and
+    sampling weights of every row; "leverage" forms the features of every row on a
+    sketch of 2L points (Alaoui & Mahoney 2015) and their squared projections.
+    """
+    L = int(n_landmarks)
+    if method == "kmeans++":
+        return 3 * 8 * int(n)
+    if method == "leverage":
+        return 2 * 8 * int(n) * min(int(n), 2 * L) + 8 * 3 * (2 * L) ** 2
+    return 0

@@ -3,6 +3,8 @@
 :class:`StoreRows` is the loader a store-backed :class:`~unicon_dist.CrossProductOperator`
 calls for each panel.  It is a small picklable object (the store is reopened from its path
 in whichever process calls it), so the same loader runs in this process or in a Ray actor.
+:class:`ArrayPairs` gives in-memory views the reading interface of a store, so that a fit
+from arrays under a ``memory_budget`` streams its rows through the same panels.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ._allocator import release_free_memory
 from .nystrom import NystroemMap
 
-__all__ = ["StoreRows", "embed", "inverse_norms"]
+__all__ = ["ArrayPairs", "StoreRows", "embed", "inverse_norms"]
 
 
 def inverse_norms(Z: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,7 @@ class StoreRows:
         return state
 
     def __call__(self, rows):
+        release_free_memory()
         if self._store is None:
             from .store import PairStore
 
@@ -97,3 +101,39 @@ class StoreRows:
         self.seconds["read"] += t1 - t0
         self.seconds["features"] += time.perf_counter() - t1
         return out
+
+
+class ArrayPairs:
+    """Two in-memory views read as a :class:`~unicon_dist.PairStore` is (``read``, sizes).
+
+    A fit from arrays under a ``memory_budget`` streams its rows through the panels of a
+    store fit instead of holding every feature row: only the rows of one panel are
+    gathered (slices are views, index arrays copy just those rows).  In-process only
+    (the views are not written anywhere a Ray worker could reopen them).
+    """
+
+    path = "arrays in memory"
+
+    def __init__(self, X: torch.Tensor, Y: torch.Tensor, groups=None):
+        self.X, self.Y = X, Y
+        self._groups = None if groups is None else groups
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+    dim_x = property(lambda self: int(self.X.shape[1]))
+    dim_y = property(lambda self: int(self.Y.shape[1]))
+    itemsize = property(lambda self: max(self.X.element_size(), self.Y.element_size()))
+    dtype = property(lambda self: str(self.X.dtype).replace("torch.", ""))
+    has_groups = property(lambda self: self._groups is not None)
+
+    def read_groups(self):
+        return self._groups
+
+    def read_buffer_bytes(self) -> int:
+        return 0
+
+    def read(self, rows):
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(rows, device=self.X.device)
+        return self.X[rows], self.Y[rows], None

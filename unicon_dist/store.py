@@ -90,6 +90,10 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
+from ._allocator import limit_malloc_arenas
+
+limit_malloc_arenas()  # before Zarr's decoding threads exist (see unicon_dist._allocator)
+
 __all__ = ["PairStore", "StoreLockedError", "ConcurrentWriteError", "ChunkError", "default_chunk_rows",
            "cast_to_storage", "storage_itemsize", "LOCK_FILE", "DEFAULT_LOCK_TIMEOUT"]
 
@@ -629,6 +633,16 @@ class PairStore:
     attrs = property(lambda self: json.loads(json.dumps(self._attrs)), doc="Copy of all group attributes.")
     has_labels = property(lambda self: bool(self._attrs.get("has_labels", False)),
                           doc="Whether rows carry class labels (array ``labels``).")
+
+    def read_buffer_bytes(self) -> int:
+        """Bytes a :meth:`read` holds beyond the rows it returns, at most.
+
+        Zarr decodes up to ``async.concurrency`` chunks of one array at a time, each as
+        its compressed bytes and its decoded chunk (the rows are then gathered from them).
+        """
+        concurrency = int(zarr.config.get("async.concurrency") or 1)
+        chunk = self.chunk_rows * max(self.dim_x, self.dim_y) * self.itemsize
+        return 2 * min(concurrency, -(-len(self) // self.chunk_rows) or 1) * chunk
 
     @property
     def label_names(self) -> list[str] | None:

@@ -51,6 +51,9 @@ def make_batches(n: int, negatives, seed: int = 0, split: str = "random") -> lis
     ``split="contiguous"``: batches of consecutive rows, for rows already in random order
     (e.g. shuffled at ingest); read from a store, each batch is then a run of rows instead
     of rows spread over every chunk.
+
+    ``negatives`` is "full" or an integer >= 2 (a ValueError otherwise); a last batch of
+    one row, left when B does not divide n, is kept and contributes no negatives.
     """
     if split not in BATCH_SPLITS:
         raise ValueError(f"batch_split must be one of {BATCH_SPLITS}, got {split!r}")
@@ -62,6 +65,11 @@ def make_batches(n: int, negatives, seed: int = 0, split: str = "random") -> lis
         raise ValueError(f"negatives must be 'full' or a positive batch size, got {negatives!r}")
     if negatives <= 0:
         raise ValueError(f"negatives batch size must be positive, got {negatives}")
+    if negatives == 1:
+        # every batch would hold one pair and no negative: nothing to contrast, and C would
+        # come out as round-off
+        raise ValueError("negatives batch size must be at least 2, got 1: a batch of one row holds only its "
+                         "own pair, so there is no negative to contrast it with")
     if negatives >= n:
         return None
     order = np.arange(n) if split == "contiguous" else np.random.default_rng(seed).permutation(n)

@@ -50,7 +50,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 import tomllib
 import traceback
@@ -66,6 +65,7 @@ from .jobs import (
     JobError, StoreInfo, _check_model, _check_model_against_store, _is_int, _is_number, _model_kwargs,
     _model_param_names, _open_store, _resolve, _type_name, _unknown, atomic_write_text, split_tables,
 )
+from .persistence import atomic_write
 
 __all__ = [
     "Study", "StudyError", "Point", "load_study", "run_study", "run_point", "round_to_storage", "flatten_record",
@@ -661,14 +661,8 @@ def write_table(rows: list[dict], folder: Path, first=()) -> None:
         writer.writerow(["" if r.get(c) is None else r[c] for c in columns])
     atomic_write_text(folder / "results.csv", text.getvalue())
     table = pa.table({c: _arrow_column([r.get(c) for r in rows]) for c in columns})
-    fd, tmp = tempfile.mkstemp(prefix=".results.parquet.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, folder / "results.parquet")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(folder / "results.parquet", "wb") as fh:
+        pq.write_table(table, fh)
 
 
 def _table_rows(study: Study) -> list[dict]:

@@ -65,8 +65,17 @@ def check_finite(t: torch.Tensor, name: str, row_offset: int = 0) -> None:
 
 
 def check_matrix(x, name: str, *, dtype=None, device=None) -> torch.Tensor:
-    """A finite 2-D floating matrix with at least one row and column."""
+    """A finite 2-D floating matrix with at least one row and column, detached from autograd.
+
+    A tensor with ``requires_grad=True`` is detached (no copy): the fixed point and the
+    encoders need no gradient, and the in-place and ``out=`` kernels of the streamed
+    passes refuse tensors that require one.  The result of ``encode_x``/``encode_y``
+    therefore carries no gradient to its input either.  (:func:`as_tensor` keeps the
+    graph, so that :func:`unicon_dist.contrastive_loss` stays differentiable.)
+    """
     t = as_tensor(x, name=name)
+    if t.requires_grad:
+        t = t.detach()
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
