@@ -10,7 +10,8 @@ of it is resident.
 
 Data: n = 200,000 pairs of 64 + 64 float32 features (x Gaussian, y = x·A + noise), the
 case of issue 16; rank 32, negatives 4,096, three iterations.  Sources: arrays, and a
-pair store of the same rows (chunks of 4,096 rows, zstd).  Budgets: 64 MiB and 256 MiB;
+pair store of the same rows (chunks of 4,096 rows, zstd), with random batches and with
+``batch_split="contiguous"``.  Budgets: 64 MiB and 256 MiB;
 one Nyström configuration (RBF, 256 landmarks per view, ``verify=8``) at 64 MiB; and no
 budget, for reference.
 
@@ -44,6 +45,7 @@ CONFIGS = [
     {"source": "arrays", "budget_mib": 256},
     {"source": "store", "budget_mib": 64},
     {"source": "store", "budget_mib": 256},
+    {"source": "store", "budget_mib": 64, "batch_split": "contiguous"},
     {"source": "arrays", "budget_mib": 64, "kernel": "rbf", "n_landmarks": 256, "verify": 8},
     {"source": "store", "budget_mib": 64, "kernel": "rbf", "n_landmarks": 256, "verify": 8},
     {"source": "arrays", "budget_mib": None},
@@ -80,7 +82,7 @@ def worker(params: dict) -> dict:
     n = params["n"]
     budget = None if params["budget_mib"] is None else params["budget_mib"] * MIB
     options = dict(OPTIONS, memory_budget=budget)
-    options.update({k: params[k] for k in ("kernel", "n_landmarks", "verify") if k in params})
+    options.update({k: params[k] for k in ("kernel", "n_landmarks", "verify", "batch_split") if k in params})
     if params["source"] == "store":
         src, warm = (ud.PairStore.open(store_for(n)), ud.PairStore.open(store_for(5000)))
         args, warm_args = (src,), (warm,)
@@ -129,6 +131,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         feats = f"RBF, {r['n_landmarks']} landmarks, verify={r['verify']}" if r.get("kernel") else "linear"
+        if r.get("batch_split"):
+            feats += f", batch_split={r['batch_split']}"
         budget = "none" if r["budget_mib"] is None else f"{r['budget_mib']} MiB"
         if "error" in r:
             print(f"| {r['source']} | {feats} | {budget} | | error: {r['error']} | | | |")

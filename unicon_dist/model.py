@@ -632,8 +632,8 @@ class UniCon:
             # every buffer planned before any work: the maps' sizes are bounded by their landmarks
             bound = [self._map_size(kernel, n, dim) for kernel, dim in zip(kernels, (store.dim_x, store.dim_y))]
             self._plan_passes(executor, store, n, *(dim if L is None else L for L, dim in
-                                                    zip(bound, (store.dim_x, store.dim_y))), dtype, bound,
-                              landmarks=arrays)
+                                                    zip(bound, (store.dim_x, store.dim_y))),
+                              dtype if self.verify is None else torch.float64, bound, landmarks=arrays)
             if fit_bases is not None:
                 maps = fit_bases()
             else:
@@ -648,10 +648,12 @@ class UniCon:
         mx = store.dim_x if maps[0] is None else maps[0].n_features
         my = store.dim_y if maps[1] is None else maps[1].n_features
         sizes = _landmark_counts(maps)
-        self.plan_ = self._plan_passes(executor, store, n, mx, my, dtype, sizes, landmarks=arrays and preprocess)
-        # the verifier's float64 passes, on the driver, within the same budget
-        verify_plan = None if self.verify is None else self._plan_passes(
-            LocalExecutor(), store, n, mx, my, torch.float64, sizes, landmarks=False)
+        # the verifier compares its float64 twin tile by tile, so both follow one plan,
+        # sized for float64 panels when there is a verifier
+        plan_dtype = dtype if self.verify is None else torch.float64
+        self.plan_ = self._plan_passes(executor, store, n, mx, my, plan_dtype, sizes,
+                                       landmarks=arrays and preprocess)
+        verify_plan = self.plan_
         if preprocess:
             def read_pair(rows):
                 x, y, _ = store.read(rows)
@@ -728,11 +730,9 @@ class UniCon:
         dims = (store.dim_x, store.dim_y)
         sizes = [self._map_size(kernel, n, dim) for kernel, dim in zip(kernels, dims)]
         mx, my = (dim if L is None else L for L, dim in zip(sizes, dims))
-        plan = self._plan_passes(LocalExecutor(), store, n, mx, my, dtype, sizes,
-                                 landmarks=isinstance(store, ArrayPairs))
-        if self.verify is not None:  # the verifier's float64 passes must fit as well
-            self._plan_passes(LocalExecutor(), store, n, mx, my, torch.float64, sizes)
-        return plan
+        # with a verifier the passes are planned for its float64 twin (see _fit_store)
+        return self._plan_passes(LocalExecutor(), store, n, mx, my, dtype if self.verify is None else torch.float64,
+                                 sizes, landmarks=isinstance(store, ArrayPairs))
 
     def _map_size(self, kernel, n: int, dim: int) -> int | None:
         """Landmarks of the Nyström map of one view (None: the inputs are the features)."""

@@ -164,7 +164,6 @@ _STATS_BYTES_PER_PAIR = 96
 _MIN_PANEL_ROWS = 256
 _TILE_BYTES = _DEFAULT_TILE_ELEMENTS * 16
 _SLACK = 0.15
-_RESIDENT_PANELS = 3
 
 
 @dataclass(frozen=True)
@@ -222,8 +221,7 @@ def plan_panels(
     A loaded row holds the read x and y, both feature maps, the embeddings and the
     row-scaled copies the passes make of them; pass 2 adds an accumulator and an operand
     of at most max(m_x, m_y) columns for the row panel.  Two panels are resident at
-    once (a row panel, and a column panel while the next one loads), and room for a
-    third is kept for the allocator's fragmentation.  The O(n) per-pair
+    once (a row panel, and a column panel while the next one loads).  The O(n) per-pair
     statistics, the tiles and ``extra_bytes`` (working memory outside the passes: see
     :func:`step_bytes`, :func:`feature_map_bytes`) come off the budget first.
 
@@ -256,10 +254,8 @@ def plan_panels(
     row = store_itemsize * (dim_x + dim_y) + itemsize * (2 * (features_x + features_y) + 4 * rank)
     acc = itemsize * 2 * max(features_x, features_y)
     fixed = n * _STATS_BYTES_PER_PAIR + tile + int(extra_bytes)
-    # two panels are live (the row panel, and a column panel while the next one loads);
-    # a third is counted because glibc's allocator does not always reuse a freed panel's
-    # pages for the next one (bench_memory.py: peaks of the same fit varied by one panel)
-    per_row = _RESIDENT_PANELS * row + acc + int(row_extra_bytes)
+    # two panels are live: the row panel, and a column panel while the next one loads
+    per_row = 2 * row + acc + int(row_extra_bytes)
     rows = (usable - fixed) // per_row
     smallest = min(n, _MIN_PANEL_ROWS)
     if rows < smallest:
