@@ -148,10 +148,14 @@ class UniCon:
         tile ("full", for small n) or a seeded sample of this many tiles.  The result is
         ``diagnostics_["verify"]``.  Costs one statistics pass in each precision plus the
         tiles compared; a fit through a Ray executor verifies on the driver.
-    memory_budget : int, optional
-        Bytes the similarity tiles may use (the planner picks tile sizes; by default
-        cache-sized tiles on the CPU and 1 GiB of tiles on CUDA).  Fits from a pair store
-        also size their panels by it (default 2 GiB for the whole pass).
+    memory_budget : int or str, optional
+        Working memory of the whole fit in this process, in bytes or as a size string
+        ("64MiB", "2GB"): panels, tiles, per-pair statistics, the step's C and SVD,
+        feature maps, whitening, read buffers and the verifier all come out of it
+        (:meth:`memory_plan`), and a budget too small is a ValueError before any work,
+        naming the smallest that fits.  Under a budget an array fit streams its rows in
+        panels as a store fit does.  None: an array fit holds every feature row (tiles
+        cache-sized on the CPU, 1 GiB on CUDA); a store fit plans for 2 GiB.
     verbose : bool
         Log one line per iteration, and the progress of long passes, at INFO level
         (logger ``unicon_dist.model``).
