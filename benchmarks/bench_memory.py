@@ -47,7 +47,7 @@ CONFIGS = [
     {"source": "store", "budget_mib": 256},
     {"source": "store", "budget_mib": 64, "batch_split": "contiguous"},
     {"source": "arrays", "budget_mib": 64, "kernel": "rbf", "n_landmarks": 256, "verify": 8},
-    {"source": "store", "budget_mib": 64, "kernel": "rbf", "n_landmarks": 256, "verify": 8},
+    {"source": "store", "budget_mib": 64, "kernel": "rbf", "n_landmarks": 256, "verify": 8, "batch_split": "contiguous"},
     {"source": "arrays", "budget_mib": None},
 ]
 

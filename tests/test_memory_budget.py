@@ -122,3 +122,16 @@ def test_memory_budget_accepts_size_strings(value, expected):
 def test_memory_budget_rejects_bad_values_before_work(value):
     with pytest.raises(ValueError, match="memory_budget"):
         ud.UniCon(memory_budget=value).fit(np.zeros((10, 2)), np.zeros((10, 2)))
+
+
+def test_verified_fit_under_a_budget_cuts_both_precisions_alike():
+    """With a small budget the tiles are cut by bytes, so a float32 fit and its float64
+    verifier would cut them differently (the verifier compares tile by tile); both follow
+    one plan of as many elements per tile."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((12_000, 16), dtype=np.float32)
+    Y = (X + rng.standard_normal((12_000, 16), dtype=np.float32)).astype(np.float32)
+    model = ud.UniCon(rank=4, negatives=4096, max_iter=2, tol=0.0, verify=4, memory_budget="8MiB").fit(X, Y)
+    assert model.plan_.panel_rows < 12_000
+    # float32 tiles against float64 ones: C agrees to float32 round-off
+    assert model.diagnostics_["verify"]["c_rel_error"] < 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -655,9 +656,13 @@ class UniCon:
         # the verifier compares its float64 twin tile by tile, so both follow one plan,
         # sized for float64 panels when there is a verifier
         plan_dtype = dtype if self.verify is None else torch.float64
-        self.plan_ = self._plan_passes(executor, store, n, mx, my, plan_dtype, sizes,
-                                       landmarks=arrays and preprocess)
-        verify_plan = self.plan_
+        verify_plan = self.plan_ = self._plan_passes(executor, store, n, mx, my, plan_dtype, sizes,
+                                                     landmarks=arrays and preprocess)
+        if self.verify is not None and dtype != torch.float64:
+            # tiles of as many elements in both precisions: the fit's take a budget
+            # scaled by its itemsize (plan_tiles divides the budget by bytes per element)
+            self.plan_ = dataclasses.replace(
+                verify_plan, tile_budget=verify_plan.tile_budget * (torch.finfo(dtype).bits // 8) // 8)
         if preprocess:
             def read_pair(rows):
                 x, y, _ = store.read(rows)
@@ -691,7 +696,8 @@ class UniCon:
             loader = StoreRows(str(store.path), self.map_x_, self.map_y_, F1, F2, str(self.similarity), precision,
                                str(device), _store=store)
             return LocalExecutor().cross_product_operator(
-                loader, n, (mx, my), int(self.rank), plan=verify_plan, loss=self.loss_fn_, negatives=self.negatives,
+                loader, n, (mx, my), int(self.rank), plan=verify_plan if precision == torch.float64 else self.plan_,
+                loss=self.loss_fn_, negatives=self.negatives,
                 batch_split=self.batch_split, groups=groups, seed=self.seed,
                 norm_bound=(1.0, 1.0) if self.similarity == "cosine" else None, device=device, dtype=precision,
             )
