@@ -20,7 +20,7 @@ from .kernels import Kernel, Linear, get_kernel, kernel_from_params, median_samp
 from .losses import get_loss, loss_from_params
 from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
 from .whitening import FeatureWhitening, Moments
-from .persistence import atomic_save_npz, load_npz
+from .persistence import ArtifactError, atomic_save_npz, load_npz
 from .positives import canonical_groups
 from .progress import LogProgress
 from .planning import (feature_map_bytes, feature_transform_row_bytes, landmark_selection_bytes, parse_bytes,
@@ -614,6 +614,9 @@ class UniCon:
         from .executors import LocalExecutor
 
         arrays = isinstance(store, ArrayPairs)
+        # the verifier compares its float64 twin tile by tile, so both follow one plan,
+        # sized for float64 panels when there is a verifier
+        plan_dtype = dtype if self.verify is None else torch.float64
         n = len(store)
         if n < 2:
             raise ValueError(f"pair store {store.path} holds {n} pairs; need at least 2 to contrast")
@@ -638,7 +641,7 @@ class UniCon:
             bound = [self._map_size(kernel, n, dim) for kernel, dim in zip(kernels, (store.dim_x, store.dim_y))]
             self._plan_passes(executor, store, n, *(dim if L is None else L for L, dim in
                                                     zip(bound, (store.dim_x, store.dim_y))),
-                              dtype if self.verify is None else torch.float64, bound, landmarks=arrays)
+                              plan_dtype, bound, landmarks=arrays)
             if fit_bases is not None:
                 maps = fit_bases()
             else:
@@ -653,9 +656,6 @@ class UniCon:
         mx = store.dim_x if maps[0] is None else maps[0].n_features
         my = store.dim_y if maps[1] is None else maps[1].n_features
         sizes = _landmark_counts(maps)
-        # the verifier compares its float64 twin tile by tile, so both follow one plan,
-        # sized for float64 panels when there is a verifier
-        plan_dtype = dtype if self.verify is None else torch.float64
         verify_plan = self.plan_ = self._plan_passes(executor, store, n, mx, my, plan_dtype, sizes,
                                                      landmarks=arrays and preprocess)
         if self.verify is not None and dtype != torch.float64:
@@ -971,9 +971,9 @@ class UniCon:
         if sigma == 0.0:
             # The matrix factored is exactly 0: C = 0, and a damped target's W_prev term is
             # either put on C's scale (0) or W_prev is 0 as well.  W = [C]_r/ρ = 0 then, and
-            # every row would encode as the zero vector.  That is a fixed point, but of a model that tells no two rows
-            # apart; an error names the cause, where a "converged" fit would hide it (and
-            # the cosine scale update below divides by this σ̄).
+            # every row would encode as the zero vector: a fixed point, but of a model that
+            # tells no two rows apart.  An error names the cause, where a "converged" fit
+            # would hide it (and the cosine scale update below divides by this σ̄).
             raise ValueError(
                 "nothing to learn: the matrix this step factors (C = Φ_Xᵀ S Φ_Y) is exactly 0, so the rank-r "
                 "map is 0 and every row would encode as the zero vector; C vanishes when no pair has a "
@@ -1325,8 +1325,6 @@ class UniCon:
             (empty, zero-filled, truncated, a malformed header, NaN or Inf in an array)
             or not a model (another file, a checkpoint).
         """
-        from .persistence import ArtifactError
-
         header, arrays = load_npz(path, kind="model", format=_FORMAT, required=("F1", "F2"), keys=(
             "params", "maps", "svd_solver", "n_features_x", "n_features_y", "n_inputs_x", "n_inputs_y",
             "history", "n_iter", "converged", "loss", "initial_loss", "best_iteration"))

@@ -247,8 +247,8 @@ def plan_panels(
     if budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
     # the plan fills (1 - slack) of the budget: the allocator's free lists, the
-    # interpreter's objects and small temporaries are not modelled; in
-    # benchmarks/bench_memory.py the peak exceeded a full plan by up to 8 %
+    # interpreter's objects and small temporaries are not modelled (before the heap was
+    # trimmed per panel, peaks exceeded a plan of the whole budget by up to 8 %)
     usable = int(budget * (1 - _SLACK))
     tile = min(_TILE_BYTES, usable // 8)
     row = store_itemsize * (dim_x + dim_y) + itemsize * (2 * (features_x + features_y) + 4 * rank)

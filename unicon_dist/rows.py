@@ -116,7 +116,7 @@ class ArrayPairs:
 
     def __init__(self, X: torch.Tensor, Y: torch.Tensor, groups=None):
         self.X, self.Y = X, Y
-        self._groups = None if groups is None else groups
+        self._groups = groups
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
