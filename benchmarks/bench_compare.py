@@ -131,7 +131,7 @@ def load_data(dataset: str, cfg: dict, seed: int) -> dict:
     None), info (split sizes).
     """
     if dataset == "fashion-mnist":
-        from unicon_dist.datasets import load_fashion_mnist_halves
+        from unicon_dist.data.datasets import load_fashion_mnist_halves
 
         left, right, _ = load_fashion_mnist_halves("train")
         tl, tr, tlab = load_fashion_mnist_halves("test")

@@ -156,7 +156,7 @@ def worker_product(args) -> dict:
     }
     if args.worker == "streamed":
         try:
-            from unicon_dist.planning import plan_tiles
+            from unicon_dist.solver.planning import plan_tiles
 
             p = plan_tiles(args.n, args.rank + args.dim, itemsize=4)
             out["tile"] = [p.block_rows, p.block_cols]

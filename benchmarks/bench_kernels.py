@@ -362,7 +362,7 @@ def _retrieval_rows(name, train, test, kernels, rank, temperature, landmarks, ma
 
 
 def part_retrieval(args):
-    from unicon_dist.datasets import load_digits_halves, load_fashion_mnist_halves
+    from unicon_dist.data.datasets import load_digits_halves, load_fashion_mnist_halves
 
     left, right, labels = load_digits_halves()
     perm = np.random.default_rng(0).permutation(len(left))

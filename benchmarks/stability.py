@@ -103,12 +103,12 @@ H.use_checkout()
 import torch  # noqa: E402
 
 import unicon_dist as ud  # noqa: E402
-from unicon_dist.datasets import load_fashion_mnist_halves  # noqa: E402
-from unicon_dist.kernels import Kernel  # noqa: E402
-from unicon_dist.nystrom import NystroemMap, uniform_landmarks  # noqa: E402
-from unicon_dist.rows import embed  # noqa: E402
-from unicon_dist.streamed import CrossProductOperator  # noqa: E402
-from unicon_dist.study import round_to_storage  # noqa: E402
+from unicon_dist.data.datasets import load_fashion_mnist_halves  # noqa: E402
+from unicon_dist.math.kernels import Kernel  # noqa: E402
+from unicon_dist.math.nystrom import NystroemMap, uniform_landmarks  # noqa: E402
+from unicon_dist.data.rows import embed  # noqa: E402
+from unicon_dist.solver.operator import CrossProductOperator  # noqa: E402
+from unicon_dist.apps.study import round_to_storage  # noqa: E402
 
 SWEEPS = ("precision", "tau", "n", "nystrom", "bandwidth", "duplicates", "safeguards")
 STORAGES = ("float64", "float32", "float16", "bfloat16")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import unicon_dist
-from unicon_dist.store import PairStore
+from unicon_dist.data.store import PairStore
 
 GROUP_MODES = ("none", "class")
 

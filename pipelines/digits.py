@@ -16,8 +16,8 @@ import sys
 import time
 
 from _common import GROUP_MODES, StagedOutput, base_provenance, class_groups, log, write_labelled_store
-from unicon_dist.datasets import DIGITS_CLASSES, load_digits_halves
-from unicon_dist.store import PairStore
+from unicon_dist.data.datasets import DIGITS_CLASSES, load_digits_halves
+from unicon_dist.data.store import PairStore
 
 
 def build_digits_store(out, *, groups: str = "none", overwrite: bool = False,
@@ -38,7 +38,7 @@ def build_digits_store(out, *, groups: str = "none", overwrite: bool = False,
     dtype : {"float32", "float16", "float64"}
         Storage dtype (pixels are multiples of 1/16, exact in every choice).
     chunk_rows : int, optional
-        Rows per chunk; default from :class:`~unicon_dist.store.PairStore`.
+        Rows per chunk; default from :class:`~unicon_dist.data.store.PairStore`.
     argv : list of str, optional
         Command line, recorded in the provenance.
 

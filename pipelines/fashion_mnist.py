@@ -19,8 +19,8 @@ from pathlib import Path
 
 from _common import (GROUP_MODES, StagedOutput, base_provenance, class_groups, debian_package_version, log,
                      sha256_file, write_labelled_store)
-from unicon_dist.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist_halves
-from unicon_dist.store import PairStore
+from unicon_dist.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist_halves
+from unicon_dist.data.store import PairStore
 
 SPLITS = ("train", "test")
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -49,7 +49,7 @@ def build_fashion_mnist_store(out, split: str = "train", *, directory=FASHION_MN
     dtype : {"float32", "float16", "float64"}
         Storage dtype.  float16 rounds pixel values (k/255 is not exact in float16).
     chunk_rows : int, optional
-        Rows per chunk; default from :class:`~unicon_dist.store.PairStore`.
+        Rows per chunk; default from :class:`~unicon_dist.data.store.PairStore`.
     argv : list of str, optional
         Command line, recorded in the provenance.
 

@@ -3,7 +3,7 @@
 
 One row per (lemma, synset): x = WordLlama embedding of the lemma (underscores → spaces),
 y = all-MiniLM-L6-v2 embedding of the synset's definition (the gloss without its quoted
-examples, see :func:`unicon_dist.datasets.wordnet_definition`).  All lemmas of a synset
+examples, see :func:`unicon_dist.data.datasets.wordnet_definition`).  All lemmas of a synset
 share its definition, so the group is the synset: many-to-many positives.  Rows are
 written in synset order (data.noun, data.verb, data.adj, data.adv, each by offset), so
 every group is one contiguous run.  Labels are the 45 lexicographer categories
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from _common import StagedOutput, base_provenance, debian_package_version, log, sha256_file
-from unicon_dist.datasets import (WORDNET_DIR, WORDNET_LEXNAMES, WORDNET_POS, iter_wordnet_synsets,
+from unicon_dist.data.datasets import (WORDNET_DIR, WORDNET_LEXNAMES, WORDNET_POS, iter_wordnet_synsets,
                                   wordnet_definition)
-from unicon_dist.store import PairStore
+from unicon_dist.data.store import PairStore
 
 ALL_POS = tuple(WORDNET_POS)  # ("noun", "verb", "adj", "adv"): also the row order
 #: group id = POS_CODES[pos] * GROUP_STRIDE + synset_offset.  Offsets are byte positions in
@@ -314,7 +314,7 @@ def build_wordnet_store(out, *, directory=WORDNET_DIR, pos=ALL_POS, limit: int |
     dtype : {"float32", "float16", "float64"}
         Storage dtype.
     chunk_rows : int, optional
-        Rows per chunk; default from :class:`~unicon_dist.store.PairStore`.
+        Rows per chunk; default from :class:`~unicon_dist.data.store.PairStore`.
     overwrite : bool
         Replace an existing pair store at ``out``.
     lemma_encoder, definition_encoder : callable, optional
@@ -353,7 +353,7 @@ def build_wordnet_store(out, *, directory=WORDNET_DIR, pos=ALL_POS, limit: int |
         views={"x": {"text": "lemma with underscores replaced by spaces, adjective markers removed",
                      **lemma_encoder.info},
                "y": {"text": "synset gloss cut before its first quoted example "
-                             "(unicon_dist.datasets.wordnet_definition)",
+                             "(unicon_dist.data.datasets.wordnet_definition)",
                      **definition_encoder.info}},
         rows="one per (lemma, synset), synsets in file order (data.noun, data.verb, data.adj, data.adv "
              "as selected), lemmas in synset order",

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import unicon_dist as ud
-from unicon_dist.checkpoint import load_checkpoint, write_checkpoint
-from unicon_dist.cli import main
-from unicon_dist.jobs import atomic_write_text
-from unicon_dist.persistence import ArtifactError, atomic_save_npz, atomic_write, load_npz
-from unicon_dist.store import PairStore
+from unicon_dist.io.checkpoints import load_checkpoint, write_checkpoint
+from unicon_dist.apps.cli import main
+from unicon_dist.apps.jobs import atomic_write_text
+from unicon_dist.io.artifacts import ArtifactError, atomic_save_npz, atomic_write, load_npz
+from unicon_dist.data.store import PairStore
 
 OPTIONS = dict(rank=2, temperature=0.5, max_iter=3)
 START_OVER = "delete it to start the fit over without it"
@@ -237,7 +237,7 @@ def test_written_files_get_the_umask_mode(tmp_path, umask, model, data, writer, 
 
 
 def test_study_table_gets_the_umask_mode(tmp_path, umask):
-    from unicon_dist.study import write_table
+    from unicon_dist.apps.study import write_table
 
     umask(0o022)
     write_table([{"id": "a", "status": "ok", "error": None, "loss": 1.5}], tmp_path)

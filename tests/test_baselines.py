@@ -9,7 +9,7 @@ import unicon_dist as ud
 from unicon_dist.baselines import SGDCLIP, BatchAveragedUniCon, RegularizedCCA, sgd_clip_sweep
 from unicon_dist.baselines import batch_average
 from unicon_dist.baselines.sgd_clip import clip_loss
-from unicon_dist.evaluation import evaluate_arrays
+from unicon_dist.apps.evaluation import evaluate_arrays
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import unicon_dist as ud
-import unicon_dist.model as model_module
-from unicon_dist.checkpoint import FORMAT, array_digest, load_checkpoint, read_checkpoint_header
-from unicon_dist.cli import main
-from unicon_dist.whitening import FeatureWhitening, Moments
+import unicon_dist.solver.estimator as model_module
+from unicon_dist.io.checkpoints import FORMAT, array_digest, load_checkpoint, read_checkpoint_header
+from unicon_dist.apps.cli import main
+from unicon_dist.math.whitening import FeatureWhitening, Moments
 
 from _budgets import panel_budget
 from _options import PAPER
@@ -194,7 +194,7 @@ _CHILD = textwrap.dedent("""\
     import torch
     torch.set_num_threads(int(sys.argv[3]))  # the parent's: same BLAS blocking, same bits
     import unicon_dist as ud
-    import unicon_dist.model as model_module
+    import unicon_dist.solver.estimator as model_module
 
     step = model_module.closed_form_step
 
@@ -339,7 +339,7 @@ def test_resume_a_finished_fit_only_restores(tmp_path, monkeypatch, data, option
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, caplog, data):
     X, Y = data
     ckpt = tmp_path / "new" / "c.npz"
-    with caplog.at_level(logging.INFO, logger="unicon_dist.model"):
+    with caplog.at_level(logging.INFO, logger="unicon_dist.solver.estimator"):
         model = ud.UniCon(**CONVERGING).fit(X, Y, checkpoint=ckpt, resume=True)
     assert f"no checkpoint at {ckpt}; fitting from scratch" in caplog.text
     assert_same_model(model, ud.UniCon(**CONVERGING).fit(X, Y))

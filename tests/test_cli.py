@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import unicon_dist as ud
-from unicon_dist.cli import main
-from unicon_dist.evaluation import LABEL_EMBEDDINGS, evaluate_arrays, evaluate_store, format_evaluation
-from unicon_dist.store import PairStore
+from unicon_dist.apps.cli import main
+from unicon_dist.apps.evaluation import LABEL_EMBEDDINGS, evaluate_arrays, evaluate_store, format_evaluation
+from unicon_dist.data.store import PairStore
 
 UNICON = "UniCon r=3"
 BASE = "unaligned (identity)"
@@ -204,9 +204,9 @@ def test_demo_fashion_mnist_missing_files_say_how_to_install(tmp_path, capsys):
 
 
 def test_demo_bad_options_fail_before_loading(tmp_path, capsys, monkeypatch):
-    import unicon_dist.datasets
+    import unicon_dist.data.datasets
 
-    monkeypatch.setattr(unicon_dist.datasets, "load_digits_halves", lambda: pytest.fail("data was read"))
+    monkeypatch.setattr(unicon_dist.data.datasets, "load_digits_halves", lambda: pytest.fail("data was read"))
     assert main(["demo", "--dataset", "digits", "--temperature", "-1", "--out", str(tmp_path / "m.npz")]) == 2
     assert "temperature must be a finite number > 0" in capsys.readouterr().err
 

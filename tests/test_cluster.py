@@ -31,8 +31,8 @@ import yaml
 
 import unicon_dist as ud
 from unicon_dist import jobs
-from unicon_dist.cli import build_parser
-from unicon_dist.store import PairStore
+from unicon_dist.apps.cli import build_parser
+from unicon_dist.data.store import PairStore
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import unicon_dist as ud
-import unicon_dist.model as model_module
-from unicon_dist.kernels import RBF, ArcCosine, Laplacian, Polynomial, get_kernel, kernel_from_params
-from unicon_dist.store import PairStore
-from unicon_dist.streamed import make_batches
+import unicon_dist.solver.estimator as model_module
+from unicon_dist.math.kernels import RBF, ArcCosine, Laplacian, Polynomial, get_kernel, kernel_from_params
+from unicon_dist.data.store import PairStore
+from unicon_dist.solver.operator import make_batches
 
 N, DX, DY = 48, 5, 4
 NO_CONTRAST = "every pair is a positive of every other"

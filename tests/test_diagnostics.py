@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import unicon_dist as ud
-from unicon_dist.closed_form import closed_form_step, fixed_point_residual, spectral_gap
-from unicon_dist.diagnostics import flatten_diagnostics, format_diagnostics
-from unicon_dist.kernels import get_kernel
-from unicon_dist.nystrom import NystroemMap, spectrum_summary
+from unicon_dist.math.closed_form import closed_form_step, fixed_point_residual, spectral_gap
+from unicon_dist.solver.diagnostics import flatten_diagnostics, format_diagnostics
+from unicon_dist.math.kernels import get_kernel
+from unicon_dist.math.nystrom import NystroemMap, spectrum_summary
 
 from _budgets import panel_budget
-from unicon_dist.randomized import randomized_svd
-from unicon_dist.streamed import statistics_summary
+from unicon_dist.math.linalg import randomized_svd
+from unicon_dist.solver.operator import statistics_summary
 
 from _refs import tangent_projection
 
@@ -234,7 +234,7 @@ def test_verifier_reports_float32_round_off_and_nothing_for_float64():
 
 
 def test_verifier_catches_an_injected_error_in_one_tile(monkeypatch):
-    from unicon_dist.streamed import CrossProductOperator
+    from unicon_dist.solver.operator import CrossProductOperator
 
     clean = _verified(verify="full").diagnostics_["verify"]
     original = CrossProductOperator._tile_exp

@@ -11,9 +11,9 @@ import zarr
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from unicon_dist.cli import main  # noqa: E402
-from unicon_dist.ingest import IngestError, _RowProgress, ingest, open_source  # noqa: E402
-from unicon_dist.store import PairStore  # noqa: E402
+from unicon_dist.apps.cli import main  # noqa: E402
+from unicon_dist.data.ingest import IngestError, _RowProgress, ingest, open_source  # noqa: E402
+from unicon_dist.data.store import PairStore  # noqa: E402
 
 N, DX, DY, CH = 30, 3, 5, 4  # 4 rows per chunk, blocks of 8 rows: several blocks per ingest
 KW = dict(chunk_rows=CH, block_rows=8, progress=False)
@@ -331,12 +331,12 @@ def test_progress_lines():
 def test_progress_callable(tmp_path, data, caplog, block_rows, done):
     """block_rows is used as given; one that is not a multiple of chunk_rows gets a warning."""
     calls = []
-    with caplog.at_level("WARNING", logger="unicon_dist.ingest"):
+    with caplog.at_level("WARNING", logger="unicon_dist.data.ingest"):
         s = ingest(data["x"], data["y"], tmp_path / "s.zarr", chunk_rows=CH, block_rows=block_rows,
                    progress=lambda *a: calls.append(a))
     assert calls == [("ingest", d, N) for d in done]
     assert s.history[-1]["block_rows"] == block_rows
-    warned = [r.getMessage() for r in caplog.records if r.name == "unicon_dist.ingest"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "unicon_dist.data.ingest"]
     assert warned == ([] if block_rows % CH == 0 else
                       ["block_rows 6 is not a multiple of the store's chunk_rows 4: blocks of 6 rows are used as "
                        "given, but each block boundary inside a chunk rewrites that chunk; block_rows 4 would "

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import unicon_dist as ud
-from unicon_dist.jobs import JobError, load_job, parse_bytes
-from unicon_dist.store import PairStore
+from unicon_dist.apps.jobs import JobError, load_job, parse_bytes
+from unicon_dist.data.store import PairStore
 
 
 def make_store(path, n=40, dim_x=6, dim_y=5, groups=False, labels=False, seed=0):
@@ -372,7 +372,7 @@ def test_no_rows_read_and_model_validated_before_the_store(workdir, monkeypatch)
 
     for name in ("read", "_read", "iter_blocks", "read_labels", "get_array"):
         monkeypatch.setattr(PairStore, name, forbidden)
-    real_open, real_validate = PairStore.open.__func__, ud.UniCon._validate_params
+    real_open, real_validate = PairStore.open.__func__, ud.UniCon.validate_params
 
     def spy_open(cls, path, mode="r"):
         calls.append(("open", mode))
@@ -383,7 +383,7 @@ def test_no_rows_read_and_model_validated_before_the_store(workdir, monkeypatch)
         return real_validate(self)
 
     monkeypatch.setattr(PairStore, "open", classmethod(spy_open))
-    monkeypatch.setattr(ud.UniCon, "_validate_params", spy_validate)
+    monkeypatch.setattr(ud.UniCon, "validate_params", spy_validate)
     job = load_job(write_job(workdir, job_text(data='store = "labelled.zarr"\neval_store = "train.zarr"')))
     assert job.data.store.has_labels and job.data.store.has_groups
     assert calls == [("validate",), ("open", "r"), ("open", "r")]

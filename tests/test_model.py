@@ -349,7 +349,7 @@ def test_damping_breaks_the_two_cycle_and_keeps_the_fixed_point():
     a point the plain map leaves where it is (a fixed point of W -> [C(W)]_r / rho)."""
     import torch
 
-    from unicon_dist.closed_form import closed_form_step
+    from unicon_dist.math.closed_form import closed_form_step
 
     X, Y = _two_cycle_data()
     params = dict(rank=6, temperature=0.5, factorization="sqrt", max_iter=60, tol=1e-6)

@@ -9,7 +9,7 @@ from scipy.spatial.distance import cdist, pdist
 
 import unicon_dist as ud
 from unicon_dist import kernels as K
-from unicon_dist.nystrom import LANDMARK_METHODS, select_landmarks
+from unicon_dist.math.nystrom import LANDMARK_METHODS, select_landmarks
 
 from _options import paper_unicon
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import unicon_dist as ud
-from unicon_dist.planning import plan_panels
-from unicon_dist.versions import SAMPLE_ROWS
+from unicon_dist.solver.planning import plan_panels
+from unicon_dist.data.provenance import SAMPLE_ROWS
 
 from _budgets import panel_budget
 
@@ -153,7 +153,7 @@ def test_missing_chunk_during_fit_names_it(tmp_path):
 
 def test_progress_is_logged_for_store_fits(stores, caplog):
     store = stores["plain"][0]
-    with caplog.at_level(logging.INFO, logger="unicon_dist.model"):
+    with caplog.at_level(logging.INFO, logger="unicon_dist.solver.estimator"):
         budget = panel_budget(store, rank=4, temperature=0.3)
         ud.UniCon(rank=4, temperature=0.3, max_iter=1, verbose=True, memory_budget=budget).fit(store)
     text = caplog.text

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unicon_dist.datasets import (DIGITS_CLASSES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR,
+from unicon_dist.data.datasets import (DIGITS_CLASSES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, WORDNET_DIR,
                                   WORDNET_LEXNAMES, iter_wordnet_synsets, load_digits_halves,
                                   load_fashion_mnist_halves, parse_wordnet_line, wordnet_definition)
-from unicon_dist.store import PairStore
+from unicon_dist.data.store import PairStore
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 

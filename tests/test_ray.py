@@ -10,7 +10,7 @@ import pytest
 import unicon_dist as ud
 
 from _budgets import panel_budget
-from unicon_dist.ray_executor import assign_panels
+from unicon_dist.execution.ray.executor import assign_panels
 
 ray = pytest.importorskip("ray")
 
@@ -120,7 +120,7 @@ def test_shared_panels_are_read_once_per_iteration(stores, share):
     operator) and fetches the others from the object store; without, it rereads them."""
     import torch
 
-    from unicon_dist.rows import StoreRows
+    from unicon_dist.data.rows import StoreRows
 
     store = stores["plain"]
     plan = ud.plan_panels(len(store), dim_x=12, dim_y=10, features_x=12, features_y=10, rank=4, memory_budget=BUDGET)

@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 import unicon_dist as ud
-from unicon_dist.store import PairStore, default_chunk_rows
+from unicon_dist.data.store import PairStore, default_chunk_rows
 
 DX, DY, CH = 3, 5, 4  # tiny dims; 4 rows per chunk so a few rows span several chunks
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,7 @@ def test_append_sigkilled_midway(tmp_path):
         import os, signal, sys
         import numpy as np
         sys.path.insert(0, {ROOT!r})
-        from unicon_dist.store import PairStore
+        from unicon_dist.data.store import PairStore
         orig = PairStore._write
         def killing(self, name, start, data):
             orig(self, name, start, data)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
-from unicon_dist.cli import main
-from unicon_dist.store import LOCK_FILE, PairStore
-from unicon_dist.store_check import check_store
+from unicon_dist.apps.cli import main
+from unicon_dist.data.store import LOCK_FILE, PairStore
+from unicon_dist.data.store_check import check_store
 
 DX, DY, CH = 3, 5, 4
 HEX = "0123456789abcdef" * 2

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
-from unicon_dist.store import LOCK_FILE, ConcurrentWriteError, PairStore, StoreLockedError
+from unicon_dist.data.store import LOCK_FILE, ConcurrentWriteError, PairStore, StoreLockedError
 
 DX, DY = 3, 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def test_two_processes_append_concurrently(tmp_path):
     code = """
         import json, os, time
         import numpy as np
-        from unicon_dist.store import PairStore
+        from unicon_dist.data.store import PairStore
         w, path, go = int(sys.argv[1]), sys.argv[2], sys.argv[3]
         store = PairStore.open(path, mode="r+")  # opened before the other's appends: a stale handle
         open(f"{go}.ready{w}", "w").close()
@@ -235,7 +235,7 @@ def test_lock_held_by_another_process_then_sigkilled(tmp_path):
         import time
         import numpy as np
         from pathlib import Path
-        from unicon_dist.store import PairStore
+        from unicon_dist.data.store import PairStore
         orig = PairStore._write
         def stuck(self, name, start, data):
             orig(self, name, start, data)

@@ -186,7 +186,7 @@ def test_extreme_similarities_float32(loss, n, gkind, negatives):
 def test_underflowing_exponentials_equal_dense(dtype, scale):
     """Log-space tiles whose e^{t − max} underflow (t − max down to −4000 in float64, −180 in
     float32): the exp arguments clamped at ``_exp_floor`` change nothing measurable."""
-    from unicon_dist.streamed import _exp_floor
+    from unicon_dist.solver.operator import _exp_floor
 
     n, tau = 300, 0.1
     phi_x, phi_y, z_x, z_y = make_problem(n, seed=21, scale=scale)
@@ -204,7 +204,7 @@ def test_underflowing_exponentials_equal_dense(dtype, scale):
 
 
 def test_logsumexp_of_extreme_and_empty_slices():
-    from unicon_dist.streamed import _logsumexp
+    from unicon_dist.solver.operator import _logsumexp
 
     inf = float("inf")
     t = torch.tensor([[0.0, -1000.0, -inf], [-inf, -inf, -inf], [5.0, 5.0, -3000.0]], dtype=torch.float64)
@@ -427,7 +427,7 @@ def test_panels_equal_dense(loss, n, gkind, negatives, panel_rows, br, bc, scale
 
 
 def test_panels_never_split_a_group_and_cover_all_positions():
-    from unicon_dist.streamed import _cut_panels
+    from unicon_dist.solver.operator import _cut_panels
 
     labels = np.repeat(np.arange(6), [3, 1, 9, 2, 2, 5])
     panels = _cut_panels(labels, labels.size, 4)

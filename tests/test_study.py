@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import unicon_dist as ud
-import unicon_dist.model
-from unicon_dist.cli import main
-from unicon_dist.study import StudyError, flatten_record, load_study, point_id, round_to_storage, run_study
+import unicon_dist.solver.estimator
+from unicon_dist.apps.cli import main
+from unicon_dist.apps.study import StudyError, flatten_record, load_study, point_id, round_to_storage, run_study
 
 MODEL = "[model]\nrank = 3\nmax_iter = 2\n"
 
@@ -53,7 +53,7 @@ def work(data, tmp_path):
 @pytest.fixture
 def fits(monkeypatch):
     """Counts UniCon.fit calls; ``fits.fail`` = a temperature whose fits raise."""
-    original = unicon_dist.model.UniCon.fit
+    original = unicon_dist.solver.estimator.UniCon.fit
 
     class Counter:
         calls = 0
@@ -65,7 +65,7 @@ def fits(monkeypatch):
             raise RuntimeError("injected failure")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(unicon_dist.model.UniCon, "fit", fit)
+    monkeypatch.setattr(unicon_dist.solver.estimator.UniCon, "fit", fit)
     return Counter
 
 
@@ -217,7 +217,7 @@ def test_flatten_record_keeps_histories_out():
 
 def test_diagnostics_are_recorded_and_plotted(work, monkeypatch):
     pytest.importorskip("matplotlib")
-    original = unicon_dist.model.UniCon.fit
+    original = unicon_dist.solver.estimator.UniCon.fit
 
     def fit(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
@@ -225,7 +225,7 @@ def test_diagnostics_are_recorded_and_plotted(work, monkeypatch):
                              "iterations": [{"residual": 0.1}]}
         return out
 
-    monkeypatch.setattr(unicon_dist.model.UniCon, "fit", fit)
+    monkeypatch.setattr(unicon_dist.solver.estimator.UniCon, "fit", fit)
     rows, log = run(write_grid(work, "temperature = [0.2, 0.5]\nn = [60, 120]\n"))
     assert rows[0]["diagnostics.verify.rel_error"] == pytest.approx(2e-8)
     assert rows[0]["diagnostics.verify.checks"] == "[1, 2]" and "diagnostics.iterations" not in rows[0]

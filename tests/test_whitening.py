@@ -1,11 +1,11 @@
-"""Centring and ridge whitening of the features (unicon_dist.whitening) and the model options."""
+"""Centring and ridge whitening of the features (unicon_dist.math.whitening) and the model options."""
 
 import numpy as np
 import pytest
 import torch
 
 import unicon_dist as ud
-from unicon_dist.whitening import FeatureWhitening, Moments
+from unicon_dist.math.whitening import FeatureWhitening, Moments
 
 
 def _views(n=400, dx=12, dy=9, seed=0):

@@ -4,22 +4,29 @@ The public interface is listed in DESIGN §5; everything here is importable as
 ``import unicon_dist as ud``.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
-from . import kernels, losses, nystrom
-from .closed_form import closed_form_step, fixed_point_residual, spectral_gap, tangent_projection, truncated_svd
-from .dense import contrastive_loss, similarity_weights
-from .executors import LocalExecutor
-from .ray_executor import RayExecutor
-from .losses import get_loss
-from .metrics import retrieval_metrics
-from .kernels import get_kernel
-from .model import UniCon
-from .nystrom import NystroemMap
-from .planning import PanelPlan, TilePlan, plan_panels, plan_tiles
-from .randomized import randomized_svd
-from .store import PairStore
-from .streamed import CrossProductOperator, weighted_cross_product
+from . import compat as _compat
+
+_compat.install()
+
+from .math import kernels
+from .math import losses
+from .math import nystrom
+from .math.closed_form import closed_form_step, fixed_point_residual, spectral_gap, tangent_projection
+from .math.linalg import truncated_svd
+from .math.dense import contrastive_loss, similarity_weights
+from .solver.executor import LocalExecutor
+from .execution.ray.executor import RayExecutor
+from .math.losses import get_loss
+from .math.metrics import retrieval_metrics
+from .math.kernels import get_kernel
+from .solver.estimator import UniCon
+from .math.nystrom import NystroemMap
+from .solver.planning import PanelPlan, TilePlan, plan_panels, plan_tiles
+from .math.linalg import randomized_svd
+from .data.store import PairStore
+from .solver.operator import CrossProductOperator, weighted_cross_product
 
 __all__ = [
     "__version__",

@@ -18,7 +18,7 @@ per-iteration ΔW and loss.
 """
 import sys, time, json, numpy as np, torch
 import unicon_dist as ud
-from unicon_dist.datasets import load_fashion_mnist_halves
+from unicon_dist.data.datasets import load_fashion_mnist_halves
 torch.set_num_threads(2)
 n = int(sys.argv[1]); opts = json.loads(sys.argv[2])
 xl, xr, yl = load_fashion_mnist_halves("train")[:3]

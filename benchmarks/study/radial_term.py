@@ -10,7 +10,7 @@ batch of B pairs (batched negatives; n up to the 60,000 training pairs), otherwi
 """
 import sys, numpy as np, torch
 import unicon_dist as ud
-from unicon_dist.datasets import load_fashion_mnist_halves
+from unicon_dist.data.datasets import load_fashion_mnist_halves
 n = int(sys.argv[1]); B = int(sys.argv[2]) if len(sys.argv) > 2 else n; r = 64; tau = 0.1
 xl, xr, _ = load_fashion_mnist_halves("train")[:3]
 tl, tr, _ = load_fashion_mnist_halves("test")[:3]

@@ -7,7 +7,7 @@ RESULTS.md §7c, "why linear UniCon still trails SGD-CLIP".  Usage:
 import numpy as np, torch
 import unicon_dist as ud
 from unicon_dist.baselines import SGDCLIP, RegularizedCCA
-from unicon_dist.datasets import load_fashion_mnist_halves
+from unicon_dist.data.datasets import load_fashion_mnist_halves
 torch.set_num_threads(2)
 xl, xr, yl = load_fashion_mnist_halves("train")[:3]
 tl, tr, tlab = load_fashion_mnist_halves("test")[:3]

@@ -14,9 +14,9 @@ import math
 import numpy as np
 import torch
 
-from ..metrics import retrieval_metrics
-from ..rows import inverse_norms
-from ..validation import check_matrix, check_same_rows
+from ..math.metrics import retrieval_metrics
+from ..data.rows import inverse_norms
+from ..math.validation import check_matrix, check_same_rows
 
 __all__ = ["BaselineEstimator", "MAX_VALIDATION_PAIRS"]
 

@@ -28,9 +28,9 @@ import time
 import numpy as np
 import torch
 
-from ..closed_form import truncated_svd
-from ..kernels import Linear, get_kernel
-from ..model import UniCon
+from ..math.linalg import truncated_svd
+from ..math.kernels import Linear, get_kernel
+from ..solver.estimator import UniCon
 from ._common import (
     BaselineEstimator,
     cap_validation,

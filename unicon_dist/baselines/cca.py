@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from ..closed_form import truncated_svd
+from ..math.linalg import truncated_svd
 from ._common import BaselineEstimator, check_bool, check_positive, check_rank, check_views
 
 __all__ = ["RegularizedCCA"]

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..validation import resolve_device, resolve_dtype
+from ..math.validation import resolve_device, resolve_dtype
 from ._common import (
     BaselineEstimator,
     cap_validation,

@@ -1,4 +1,4 @@
-"""Stream paired feature files into a :class:`~unicon_dist.store.PairStore`, out of core.
+"""Stream paired feature files into a :class:`~unicon_dist.data.store.PairStore`, out of core.
 
 Sources (``x``, ``y`` and the optional per-row ``groups`` / ``labels``) are named by a
 path with an optional ``:key`` suffix:
@@ -650,7 +650,7 @@ def ingest(x_source, y_source, store_path, *, groups=None, labels=None, dtype=No
         (see :meth:`PairStore.create`).  When appending, it must be
         the store's dtype if given.
     chunk_rows : int, optional
-        Rows per chunk of a new store (default :func:`unicon_dist.store.default_chunk_rows`); when
+        Rows per chunk of a new store (default :func:`unicon_dist.data.store.default_chunk_rows`); when
         appending it must match the store if given.
     overwrite : bool
         Replace an existing store at ``store_path`` (only after every check passed).
@@ -674,7 +674,7 @@ def ingest(x_source, y_source, store_path, *, groups=None, labels=None, dtype=No
     progress : bool or callable
         True: rows done/total and rate on stderr.  A callable is called as
         ``progress("ingest", rows_done, rows_total)`` after each block
-        (the :class:`unicon_dist.progress.Progress` protocol).
+        (the :class:`unicon_dist.solver.progress.Progress` protocol).
     provenance : dict, optional
         Extra JSON-serialisable provenance for a new store; the ingest's own record
         (sources with paths, sizes, mtimes, shapes, dtypes; time; command) is stored

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import array_digest
+from ..io.checkpoints import array_digest
 
 __all__ = ["store_provenance", "check_appended", "SAMPLE_ROWS"]
 

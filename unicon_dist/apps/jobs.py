@@ -54,9 +54,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .diagnostics import format_diagnostics
-from .persistence import atomic_write
-from .planning import format_bytes, parse_bytes
+from ..solver.diagnostics import format_diagnostics
+from ..io.artifacts import atomic_write
+from ..solver.planning import format_bytes, parse_bytes
 
 __all__ = [
     "Job",
@@ -95,7 +95,7 @@ class JobError(ValueError):
 
 # --------------------------------------------------------------------------- helpers
 def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, through :func:`unicon_dist.persistence.atomic_write`."""
+    """Write ``text`` (UTF-8) to ``path`` atomically, through :func:`unicon_dist.io.artifacts.atomic_write`."""
     with atomic_write(path, "w") as fh:
         fh.write(text)
     return Path(path)
@@ -222,7 +222,7 @@ class ExecutorSpec:
 
 @dataclass(frozen=True)
 class EvaluateSpec:
-    """``[evaluate]``: options of :func:`unicon_dist.evaluation.evaluate_store`."""
+    """``[evaluate]``: options of :func:`unicon_dist.apps.evaluation.evaluate_store`."""
 
     ks: tuple[int, ...] = (1, 5, 10)
     max_rows: int = DEFAULT_MAX_ROWS
@@ -265,7 +265,7 @@ class Job:
 
     def make_model(self, **overrides):
         """A fresh, unfitted :class:`~unicon_dist.UniCon` with the job's options."""
-        from .model import UniCon
+        from ..solver.estimator import UniCon
 
         return UniCon(**{**_model_kwargs(dict(self.model_options))[0], **overrides})
 
@@ -285,7 +285,7 @@ class Job:
             return "new file, written after every iteration" + ("; no checkpoint to resume from" if self.resume else "")
         if not self.resume:
             return "exists and will be replaced after the first iteration; pass --resume to continue from it"
-        from .checkpoint import read_checkpoint_header
+        from ..io.checkpoints import read_checkpoint_header
 
         try:
             header = read_checkpoint_header(p)
@@ -351,7 +351,7 @@ class Job:
 
 # --------------------------------------------------------------------------- [model]
 def _model_param_names() -> tuple[str, ...]:
-    from .model import UniCon
+    from ..solver.estimator import UniCon
 
     sig = inspect.signature(UniCon.__init__)
     return tuple(p for p in sig.parameters if p != "self")
@@ -377,9 +377,9 @@ _CHECK = {
 
 def _model_kwargs(table: dict) -> tuple[dict, list[str]]:
     """UniCon keyword arguments from the ``[model]`` table, and the problems found."""
-    from .kernels import get_kernel
-    from .losses import get_loss
-    from .model import UniCon
+    from ..math.kernels import get_kernel
+    from ..math.losses import get_loss
+    from ..solver.estimator import UniCon
 
     errors = []
     valid = _model_param_names()
@@ -425,10 +425,10 @@ def _model_kwargs(table: dict) -> tuple[dict, list[str]]:
 
 def _option_error(key: str, value) -> str | None:
     """UniCon's own validation of the one option ``key``, the others at their defaults."""
-    from .model import UniCon
+    from ..solver.estimator import UniCon
 
     try:
-        UniCon(**{key: value})._validate_params()
+        UniCon(**{key: value}).validate_params()
     except (ValueError, TypeError) as exc:
         return f"[model] {exc}"
     return None
@@ -437,16 +437,16 @@ def _option_error(key: str, value) -> str | None:
 def _check_model(kwargs: dict) -> list[str]:
     """Construct UniCon and run its own parameter validation (no data involved).
 
-    ``_validate_params`` stops at its first problem, so when it fails each option is
+    ``validate_params`` stops at its first problem, so when it fails each option is
     validated on its own (the others at their defaults, which are valid) to report every
     bad one.  An error that no option shows alone is a constraint between options (e.g. a
     temperature the chosen loss refuses) and is reported as the joint check gave it.
     """
-    from .model import UniCon
+    from ..solver.estimator import UniCon
 
     try:
         model = UniCon(**kwargs)
-        _, kernels, _, _ = model._validate_params()
+        _, kernels, _, _ = model.validate_params()
     except (ValueError, TypeError) as exc:
         alone = [e for e in (_option_error(k, v) for k, v in kwargs.items()) if e is not None]
         return alone or [f"[model] {exc}"]
@@ -459,7 +459,7 @@ def _check_model(kwargs: dict) -> list[str]:
 
 def _feature_bound(kernel, n_landmarks, dim: int, n: int) -> tuple[int, str]:
     """An upper bound of one view's feature count m, and why."""
-    from .kernels import Linear, get_kernel
+    from ..math.kernels import Linear, get_kernel
 
     k = get_kernel(kernel)
     if isinstance(k, Linear):
@@ -479,7 +479,7 @@ def _resolve(base: Path, value: str) -> Path:
 
 
 def _open_store(table: str, key: str, path: Path, errors: list[str]) -> StoreInfo | None:
-    from .store import PairStore
+    from ..data.store import PairStore
 
     if not path.exists():
         errors.append(f"[{table}] {key}: no pair store at {path}")
@@ -540,7 +540,7 @@ def load_job(path, *, resume: bool = False) -> Job:
     Notes
     -----
     Order: TOML syntax; tables and keys (types, ranges, unknown keys); the UniCon
-    options through ``UniCon(**options)._validate_params()``; the stores, opened
+    options through ``UniCon(**options).validate_params()``; the stores, opened
     read-only for their schema only (no rows are read); the bounds that need both
     (rank ≤ features, n_landmarks ≤ rows, equal dims of the evaluation store); the
     outputs (suffix, no clobbering unless ``overwrite = true``, folder creatable); an
@@ -718,8 +718,8 @@ def _check_checkpoint(path: Path, resume: bool, kwargs: dict | None, train: Stor
 
     ``kwargs`` is None when the model options have errors of their own (reported already).
     """
-    from .checkpoint import check_fingerprint, read_checkpoint_header, store_fingerprint
-    from .model import UniCon
+    from ..io.checkpoints import check_fingerprint, read_checkpoint_header, store_fingerprint
+    from ..solver.estimator import UniCon
 
     try:
         header = read_checkpoint_header(path)
@@ -729,10 +729,10 @@ def _check_checkpoint(path: Path, resume: bool, kwargs: dict | None, train: Stor
     if not resume or kwargs is None or train is None:
         return []
     model = UniCon(**kwargs)
-    loss_fn = model._validate_params()[0]
+    loss_fn = model.validate_params()[0]
     data = store_fingerprint(train.path, train.n_rows, train.dim_x, train.dim_y, train.dtype, bool(use_groups))
     try:
-        check_fingerprint(path, header, model._fingerprint(loss_fn, data))
+        check_fingerprint(path, header, model.checkpoint_fingerprint(loss_fn, data))
     except ValueError as exc:
         return [f"[output] checkpoint: {exc}"]
     return []
@@ -748,7 +748,7 @@ def _inside(p: Path, folder: Path) -> bool:
 
 def _check_model_against_store(kwargs: dict, info: StoreInfo) -> list[str]:
     """The bounds that need both the options and the store's schema."""
-    from .model import UniCon
+    from ..solver.estimator import UniCon
 
     defaults = UniCon()
     opt = {k: kwargs.get(k, getattr(defaults, k)) for k in ("rank", "kernel", "kernel_x", "kernel_y", "n_landmarks")}
@@ -800,14 +800,14 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
         initial_loss, svd_solver, feature counts), ``history`` (``model.history_``),
         ``diagnostics`` (``model.diagnostics_``),
         ``timings`` (seconds: validate, fit, save, evaluate, total), ``evaluation``
-        (:func:`unicon_dist.evaluation.evaluate_store` output or None), ``model_file``,
+        (:func:`unicon_dist.apps.evaluation.evaluate_store` output or None), ``model_file``,
         ``checkpoint`` (None, or its ``path`` and ``resumed_after_iteration``: the
         checkpoint's iteration when the fit resumed from one, else None).
     """
     import time
     from datetime import datetime, timezone
 
-    from . import __version__
+    from ..version import __version__
 
     t_start = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat()
@@ -819,7 +819,7 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
     if job.output.checkpoint is not None:
         checkpoint = {"path": str(job.output.checkpoint), "resumed_after_iteration": None}
         if job.resume and job.output.checkpoint.exists():
-            from .checkpoint import read_checkpoint_header
+            from ..io.checkpoints import read_checkpoint_header
 
             header = read_checkpoint_header(job.output.checkpoint)
             checkpoint["resumed_after_iteration"] = header["iteration"]

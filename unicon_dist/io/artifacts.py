@@ -5,7 +5,7 @@ the old file or the new one, never a torn write.  The JSON travels inside the ar
 as a unicode array, which ``np.load(..., allow_pickle=False)`` reads.
 
 :func:`atomic_write` is the package's one implementation of "write a temporary file,
-fsync, rename"; :func:`atomic_save_npz`, :func:`unicon_dist.jobs.atomic_write_text` and
+fsync, rename"; :func:`atomic_save_npz`, :func:`unicon_dist.apps.jobs.atomic_write_text` and
 the study's parquet table are written through it.  :func:`load_npz` and
 :func:`read_header` are the one reader: whatever is wrong with a file -- empty,
 zero-filled, truncated, another kind of file, an archive without the header, a missing

@@ -1,7 +1,7 @@
 """Dense (n × n) loss and similarity weights S(γ) = −∂L/∂s, for small n and as references.
 
 These functions hold the whole similarity matrix and are meant for n up to a few
-thousand: the reference that the streamed passes of :mod:`unicon_dist.streamed` are
+thousand: the reference that the streamed passes of :mod:`unicon_dist.solver.operator` are
 tested against, and a convenient way to inspect S(γ).  ``contrastive_loss`` on a
 torch tensor is differentiable, so autograd gives an independent check of
 ``similarity_weights``.

@@ -25,9 +25,9 @@ import time
 import numpy as np
 import torch
 
-from .planning import plan_panels
-from .progress import LogProgress
-from .streamed import CrossProductOperator
+from ...solver.planning import plan_panels
+from ...solver.progress import LogProgress
+from ...solver.operator import CrossProductOperator
 
 __all__ = ["RayExecutor", "PanelWorker", "DistributedOperator", "assign_panels"]
 

@@ -12,23 +12,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from . import checkpoint as _ckpt
-from .closed_form import FACTORIZATIONS, closed_form_step, damped_target, fixed_point_residual, spectral_gap
+from ..version import __version__
+from ..io import checkpoints as _ckpt
+from ..math.closed_form import FACTORIZATIONS, closed_form_step, damped_target, fixed_point_residual, spectral_gap
 from .diagnostics import solve_diagnostics
-from .kernels import Kernel, Linear, get_kernel, kernel_from_params, median_sample
-from .losses import get_loss, loss_from_params
-from .nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
-from .whitening import FeatureWhitening, Moments
-from .persistence import ArtifactError, atomic_save_npz, load_npz
-from .positives import canonical_groups
+from ..math.kernels import Kernel, Linear, get_kernel, kernel_from_params, median_sample
+from ..math.losses import get_loss, loss_from_params
+from ..math.nystrom import LANDMARK_METHODS, NystroemMap, uniform_landmarks
+from ..math.whitening import FeatureWhitening, Moments
+from ..io.artifacts import ArtifactError, atomic_save_npz, load_npz
+from ..math.positives import canonical_groups
 from .progress import LogProgress
 from .planning import (feature_map_bytes, feature_transform_row_bytes, landmark_selection_bytes, parse_bytes,
                        step_bytes)
-from .rows import ArrayPairs, StoreRows, embed, features, inverse_norms
-from .versions import check_appended, store_provenance
-from .streamed import CrossProductOperator, make_batches
-from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
+from ..data.rows import ArrayPairs, StoreRows, embed, features, inverse_norms
+from ..data.provenance import check_appended, store_provenance
+from .operator import CrossProductOperator, make_batches
+from ..math.validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 from .verify import check_verify, verify_operator
 
 __all__ = ["UniCon"]
@@ -68,7 +68,7 @@ class UniCon:
     kernel : str or Kernel
         Kernel of both views: "linear" (the inputs are the features), "rbf",
         "laplacian", "polynomial", "cosine", "angular", "arccos0", "arccos1", or a
-        :class:`unicon_dist.kernels.Kernel` object.
+        :class:`unicon_dist.math.kernels.Kernel` object.
     kernel_x, kernel_y : str or Kernel, optional
         Per-view kernels overriding ``kernel``.
     n_landmarks : int, optional
@@ -83,7 +83,7 @@ class UniCon:
         if any) before everything else.
     whiten : float or None
         Ridge λ > 0 to whiten each view's features: φ̃ = (φ − μ)(Σ + λ·(tr Σ/m)·I)^{−1/2}
-        (see :mod:`unicon_dist.whitening`; the first step is then regularised CCA), or
+        (see :mod:`unicon_dist.math.whitening`; the first step is then regularised CCA), or
         None.  The mean is that of ``center``: whitening without centring uses the raw
         second moment.
     loss : str or ContrastiveLoss
@@ -126,7 +126,7 @@ class UniCon:
         With cosine similarity (or the orthonormal factorization) a puts W_{k−1} on the
         scale of C_k's top-r singular values, so that only directions are averaged; with
         "dot" and "sqrt", a = ρ: a projected gradient step of length η/ρ on L + R (see
-        :func:`unicon_dist.closed_form.damped_target`).  1 is the plain fixed point;
+        :func:`unicon_dist.math.closed_form.damped_target`).  1 is the plain fixed point;
         η < 1 has the same fixed points and stops the 2-cycles the plain map falls into
         at small τ with cosine similarity.
     svd : {"auto", "exact", "randomized"}
@@ -145,7 +145,7 @@ class UniCon:
         be narrower: a :class:`~unicon_dist.PairStore` holds float16 or bfloat16.)
     verify : None, "full" or int
         After the fit, recompute C at the kept encoders in float64 as well as in
-        ``dtype`` and compare them (:func:`unicon_dist.verify.verify_operator`): every
+        ``dtype`` and compare them (:func:`unicon_dist.solver.verify.verify_operator`): every
         tile ("full", for small n) or a seeded sample of this many tiles.  The result is
         ``diagnostics_["verify"]``.  Costs one statistics pass in each precision plus the
         tiles compared; a fit through a Ray executor verifies on the driver.
@@ -159,7 +159,7 @@ class UniCon:
         cache-sized on the CPU, 1 GiB on CUDA); a store fit plans for 2 GiB.
     verbose : bool
         Log one line per iteration, and the progress of long passes, at INFO level
-        (logger ``unicon_dist.model``).
+        (logger ``unicon_dist.solver.estimator``).
 
     Attributes
     ----------
@@ -194,12 +194,12 @@ class UniCon:
         effective rank otherwise).
     map_x_, map_y_ : NystroemMap, FeatureWhitening or None
         The feature maps (None for exact linear features); with ``center`` or
-        ``whiten`` a :class:`~unicon_dist.whitening.FeatureWhitening` whose ``base`` is
+        ``whiten`` a :class:`~unicon_dist.math.whitening.FeatureWhitening` whose ``base`` is
         the Nyström map or None.
     svd_solver_ : str
         "exact" or "randomized", as chosen for the rank-r step.
     diagnostics_ : dict
-        The solve's numerics (see :mod:`unicon_dist.diagnostics`): per view the
+        The solve's numerics (see :mod:`unicon_dist.solver.diagnostics`): per view the
         Nyström spectrum summary (condition number of K_LL, effective rank, eigenvalues
         floored) and the whitening spectrum; the last step's spectral gap σ_r/σ_{r+1},
         randomized-SVD residual and fixed-point residual; the range of the log-sum-exp
@@ -303,7 +303,20 @@ class UniCon:
         changed = [f"{k}={getattr(self, k)!r}" for k in self._PARAMS if getattr(self, k) != getattr(defaults, k)]
         return f"UniCon({', '.join(changed)})"
 
-    def _validate_params(self):
+    def validate_params(self):
+        """Check every option before any work, and resolve the objects they name.
+
+        Returns
+        -------
+        (loss, (kernel_x, kernel_y), device, dtype)
+            The :class:`~unicon_dist.math.losses.ContrastiveLoss`, the two kernels, and
+            the resolved torch device and dtype.
+
+        Raises
+        ------
+        ValueError
+            The first invalid option, named with its value.
+        """
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         kernels = tuple(get_kernel(k if k is not None else self.kernel) for k in (self.kernel_x, self.kernel_y))
@@ -386,7 +399,7 @@ class UniCon:
         checkpoint : str or Path, optional
             A checkpoint file (``.npz``) written atomically after every iteration: the
             iterate, the best iterate so far, the history and the feature maps (see
-            :mod:`unicon_dist.checkpoint`).  Without ``resume`` an existing checkpoint
+            :mod:`unicon_dist.io.checkpoints`).  Without ``resume`` an existing checkpoint
             there is replaced after the first iteration; any other file is refused.
         resume : bool
             Continue from ``checkpoint`` when it exists: the feature maps are restored
@@ -420,7 +433,7 @@ class UniCon:
         one (``F1_``, ``F2_``, ``W_``, the losses in ``history_``; the per-iteration
         seconds are those measured when each iteration ran).
         """
-        loss_fn, kernels, device, dtype = self._validate_params()
+        loss_fn, kernels, device, dtype = self.validate_params()
         if resume and checkpoint is None:
             raise ValueError("resume=True needs checkpoint= (the checkpoint file to continue from)")
         store = _as_store(X)
@@ -529,7 +542,7 @@ class UniCon:
         params["similarity"] = str(params["similarity"])
         params["loss"] = self.loss_fn_
         new = type(self)(**params)
-        loss_fn, kernels, device, dtype = new._validate_params()
+        loss_fn, kernels, device, dtype = new.validate_params()
         new._parent = {"lineage": list(getattr(self, "lineage_", []) or [{"version": 1}]), "n_rows": data["n_rows"],
                        "sigma_mean": (self.history_[-1].get("sigma_mean") if self.history_ else None)}
         if mode == "fast" and refresh_maps:
@@ -549,7 +562,7 @@ class UniCon:
 
     def _fast_update(self, parent, store, loss_fn, device, dtype) -> "UniCon":
         """Fold the appended rows into the parent's C at its encoders; one SVD (see refit)."""
-        from .executors import LocalExecutor
+        from .executor import LocalExecutor
 
         if not (parent.converged_ or getattr(parent, "stop_reason_", None) == "loss plateau"):
             raise ValueError("mode='fast' needs a model that stopped at its fixed point or at a loss plateau "
@@ -609,9 +622,9 @@ class UniCon:
         """The store fit.  ``maps``: keep these feature maps (a refit), or with ``carry_from``
         (the parent's maps) re-estimate their centring/whitening on all rows and carry the
         warm start ``start`` over to the new whitening.  ``store`` may be an
-        :class:`~unicon_dist.rows.ArrayPairs` (a fit from arrays under a memory budget),
+        :class:`~unicon_dist.data.rows.ArrayPairs` (a fit from arrays under a memory budget),
         whose base feature maps ``fit_bases()`` fits from all rows in memory."""
-        from .executors import LocalExecutor
+        from .executor import LocalExecutor
 
         arrays = isinstance(store, ArrayPairs)
         # the verifier compares its float64 twin tile by tile, so both follow one plan,
@@ -726,9 +739,9 @@ class UniCon:
             The options are invalid, or the budget cannot hold the fit; the message names
             the smallest budget that can.
         """
-        from .executors import LocalExecutor
+        from .executor import LocalExecutor
 
-        _, kernels, device, dtype = self._validate_params()
+        _, kernels, device, dtype = self.validate_params()
         store = _as_store(X)
         if store is None:
             if Y is None:
@@ -954,7 +967,7 @@ class UniCon:
             else:
                 # the first damped step of a matrix-free fit: one extra sketch of C for its scale
                 # (a plain step here can undo the first step and end the fit at a "plateau")
-                from .randomized import randomized_svd
+                from ..math.linalg import randomized_svd
 
                 c_scale = float(randomized_svd(C, rank, int(self.svd_oversampling), int(self.svd_power_iter),
                                                self.seed)[1].mean())
@@ -1030,7 +1043,7 @@ class UniCon:
         if path is None:
             yield
             return
-        run = _CheckpointRun(Path(path), self._fingerprint(loss_fn, data()))
+        run = _CheckpointRun(Path(path), self.checkpoint_fingerprint(loss_fn, data()))
         if run.path.is_dir():
             raise ValueError(f"checkpoint {run.path} is a directory; pass the path of a file (e.g. fit.ckpt.npz)")
         if resume:
@@ -1047,7 +1060,7 @@ class UniCon:
         finally:
             self.__dict__.pop("_checkpoint_run", None)
 
-    def _fingerprint(self, loss_fn, data: dict) -> dict:
+    def checkpoint_fingerprint(self, loss_fn, data: dict) -> dict:
         """What a checkpoint must match to be resumed: the options, then the data.
 
         ``verbose`` and ``verify`` are left out (they change no number).  Scalar options come before the
@@ -1176,7 +1189,7 @@ class UniCon:
         return "randomized", r + min(mx, my) > sketch_cost
 
     def _embed(self, phi_x, phi_y, F1, F2):
-        """(Φ_X, Φ_Y, z_x, z_y) at the encoders F1, F2 (see :func:`unicon_dist.rows.embed`)."""
+        """(Φ_X, Φ_Y, z_x, z_y) at the encoders F1, F2 (see :func:`unicon_dist.data.rows.embed`)."""
         return embed(phi_x, phi_y, F1, F2, str(self.similarity))
 
     def _operator(self, phi_x, phi_y, F1, F2, groups) -> CrossProductOperator:
@@ -1321,7 +1334,7 @@ class UniCon:
         FileNotFoundError
             No such file.
         ArtifactError
-            (a ValueError, :mod:`unicon_dist.persistence`) naming the file: it is damaged
+            (a ValueError, :mod:`unicon_dist.io.artifacts`) naming the file: it is damaged
             (empty, zero-filled, truncated, a malformed header, NaN or Inf in an array)
             or not a model (another file, a checkpoint).
         """
@@ -1465,7 +1478,7 @@ def _check_negative_pairs(n: int, groups, negatives, batch_split: str, seed: int
         Group labels (None: one-to-one pairs).
     negatives, batch_split, seed
         As in :class:`UniCon`; negatives are drawn within the batches of
-        :func:`unicon_dist.streamed.make_batches` only.
+        :func:`unicon_dist.solver.operator.make_batches` only.
 
     Raises
     ------
@@ -1550,7 +1563,7 @@ def _as_store(X):
     import os
 
     if isinstance(X, (str, os.PathLike)):
-        from .store import PairStore
+        from ..data.store import PairStore
 
         return PairStore.open(X)
     if hasattr(X, "read") and hasattr(X, "iter_blocks") and hasattr(X, "dim_x"):

@@ -90,9 +90,9 @@ import torch
 import zarr
 from zarr.core.sync import sync
 
-from ._allocator import limit_malloc_arenas
+from .allocator import limit_malloc_arenas
 
-limit_malloc_arenas()  # before Zarr's decoding threads exist (see unicon_dist._allocator)
+limit_malloc_arenas()  # before Zarr's decoding threads exist (see unicon_dist.data.allocator)
 
 __all__ = ["PairStore", "StoreLockedError", "ConcurrentWriteError", "ChunkError", "default_chunk_rows",
            "cast_to_storage", "storage_itemsize", "LOCK_FILE", "DEFAULT_LOCK_TIMEOUT"]
@@ -761,7 +761,7 @@ class PairStore:
     def add_history(self, record: dict) -> None:
         """Append a JSON-serialisable record to :attr:`history` (one attribute update).
 
-        Used by :func:`unicon_dist.ingest.ingest` to log each run: sources, sizes, time,
+        Used by :func:`unicon_dist.data.ingest.ingest` to log each run: sources, sizes, time,
         command and rows written.  Does not change the committed rows.
         """
         self._require_writable()

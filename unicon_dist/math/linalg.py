@@ -1,4 +1,5 @@
-"""Randomized truncated SVD (Halko, Martinsson & Tropp, SIAM Review 2011).
+"""Dense linear algebra of the step: the sign convention, the truncated SVD, and the
+randomized truncated SVD (Halko, Martinsson & Tropp, SIAM Review 2011).
 
 Range finder with oversampling and q steps of subspace iteration (their Alg. 4.4:
 each product is re-orthonormalised by QR, since plain power iteration A(AᵀA)^q Ω
@@ -15,23 +16,41 @@ import math
 import numpy as np
 import torch
 
-from .closed_form import _fix_signs
+from .operators import MatrixOperator, is_operator
 
-__all__ = ["randomized_svd", "MatrixOperator"]
+__all__ = ["column_signs", "fix_signs", "truncated_svd", "randomized_svd"]
 
 
-class MatrixOperator:
-    """Adapter giving an explicit matrix the operator interface (shape, matmul, rmatmul)."""
+def column_signs(U: torch.Tensor) -> torch.Tensor:
+    """±1 per column of U making its entry of largest magnitude positive.
 
-    def __init__(self, A):
-        self.A = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A).to(torch.float64)
-        self.shape = tuple(self.A.shape)
+    LAPACK and cuSOLVER return singular and eigen vectors with different signs; fixing
+    them makes factors, feature bases and so models the same on every device.
+    """
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
+    signs[signs == 0] = 1.0
+    return signs
 
-    def matmul(self, omega):
-        return self.A @ omega.to(self.A)
 
-    def rmatmul(self, omega):
-        return self.A.T @ omega.to(self.A)
+def fix_signs(U: torch.Tensor, Vh: torch.Tensor):
+    """The library's sign convention for a factorisation U diag(s) Vh: each left vector's
+    entry of largest magnitude is positive (columns of U and rows of Vh flipped together)."""
+    signs = column_signs(U)
+    return U * signs, Vh * signs[:, None]
+
+
+def truncated_svd(C: torch.Tensor, rank: int):
+    """Top-``rank`` singular triplets of C in float64, with deterministic signs.
+
+    Returns
+    -------
+    U : (m_x, r), s : (r,), Vh : (r, m_y)
+    """
+    C = C.to(torch.float64)
+    U, s, Vh = torch.linalg.svd(C, full_matrices=False)
+    U, Vh = fix_signs(U[:, :rank], Vh[:rank])
+    return U, s[:rank], Vh
 
 
 def randomized_svd(A, rank: int, oversampling: int = 10, n_power_iter: int = 2, seed: int = 0,
@@ -78,7 +97,7 @@ def randomized_svd(A, rank: int, oversampling: int = 10, n_power_iter: int = 2, 
     -----
     Cost: (q + 1) products with A and (q + 1) with Aᵀ, plus O((m + n)k²).
     """
-    op = A if hasattr(A, "matmul") and hasattr(A, "rmatmul") and not isinstance(A, torch.Tensor) else MatrixOperator(A)
+    op = A if is_operator(A) else MatrixOperator(A)
     m, n = op.shape
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be in [1, min(m, n) = {min(m, n)}], got {rank}")
@@ -99,7 +118,7 @@ def randomized_svd(A, rank: int, oversampling: int = 10, n_power_iter: int = 2, 
     B = _f64(op.rmatmul(Q)).T  # k × n = Qᵀ A
     Ub, s, Vh = torch.linalg.svd(B, full_matrices=False)
     U = Q.to(Ub.device) @ Ub
-    Ur, Vhr = _fix_signs(U[:, :rank], Vh[:rank])
+    Ur, Vhr = fix_signs(U[:, :rank], Vh[:rank])
     if not return_info:
         return Ur, s[:rank], Vhr
     info = {"k": k, "s_k": s, "U_k": U, "Vh_k": Vh, "residual": None, "residual_bound": None}

@@ -1,6 +1,6 @@
 """Consistency check of a pair store on disk (``unicon-dist check-store``), like ``fsck``.
 
-:func:`check_store` reads a :class:`~unicon_dist.store.PairStore` chunk by chunk
+:func:`check_store` reads a :class:`~unicon_dist.data.store.PairStore` chunk by chunk
 (O(chunk) memory, O(n) time) through the store's own readers and reports every problem
 it finds, each naming the array, the chunk key and the rows:
 

@@ -9,75 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .linalg import fix_signs, randomized_svd, truncated_svd
+from .operators import Mixed, Shifted, is_operator
+
 __all__ = ["truncated_svd", "closed_form_step", "damped_target", "tangent_projection", "spectral_gap",
            "fixed_point_residual", "FACTORIZATIONS"]
 
 FACTORIZATIONS = ("orthonormal", "sqrt")
-
-
-def column_signs(U: torch.Tensor) -> torch.Tensor:
-    """±1 per column of U making its entry of largest magnitude positive.
-
-    LAPACK and cuSOLVER return singular and eigen vectors with different signs; fixing
-    them makes factors, feature bases and so models the same on every device.
-    """
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U[idx, torch.arange(U.shape[1], device=U.device)])
-    signs[signs == 0] = 1.0
-    return signs
-
-
-def _fix_signs(U: torch.Tensor, Vh: torch.Tensor):
-    """Deterministic signs: the entry of largest magnitude in each left vector is positive."""
-    signs = column_signs(U)
-    return U * signs, Vh * signs[:, None]
-
-
-def truncated_svd(C: torch.Tensor, rank: int):
-    """Top-``rank`` singular triplets of C in float64, with deterministic signs.
-
-    Returns
-    -------
-    U : (m_x, r), s : (r,), Vh : (r, m_y)
-    """
-    C = C.to(torch.float64)
-    U, s, Vh = torch.linalg.svd(C, full_matrices=False)
-    U, Vh = _fix_signs(U[:, :rank], Vh[:rank])
-    return U, s[:rank], Vh
-
-
-class _Shifted:
-    """C + ridge·I (ones on the leading diagonal) as an operator, for the matrix-free SVD."""
-
-    def __init__(self, op, ridge: float):
-        self.op, self.ridge, self.shape = op, ridge, tuple(op.shape)
-
-    def _eye(self, omega, rows):
-        out = torch.zeros((rows, omega.shape[1]), dtype=torch.float64)
-        k = min(self.shape)
-        out[:k] = self.ridge * omega[:k].to(torch.float64).cpu()
-        return out
-
-    def matmul(self, omega):
-        return self.op.matmul(omega).to(torch.float64).cpu() + self._eye(omega, self.shape[0])
-
-    def rmatmul(self, omega):
-        return self.op.rmatmul(omega).to(torch.float64).cpu() + self._eye(omega, self.shape[1])
-
-
-class _Mixed:
-    """η·C + β·W_prev as an operator over a matrix-free C (W_prev explicit, m_x × m_y)."""
-
-    def __init__(self, op, W_prev: torch.Tensor, eta: float, beta: float):
-        self.op, self.W, self.eta, self.beta, self.shape = op, W_prev.to(torch.float64).cpu(), eta, beta, tuple(op.shape)
-
-    def matmul(self, omega):
-        omega64 = omega.to(torch.float64).cpu()
-        return self.eta * self.op.matmul(omega).to(torch.float64).cpu() + self.beta * (self.W @ omega64)
-
-    def rmatmul(self, omega):
-        omega64 = omega.to(torch.float64).cpu()
-        return self.eta * self.op.rmatmul(omega).to(torch.float64).cpu() + self.beta * (self.W.T @ omega64)
 
 
 def damped_target(C, W_prev: torch.Tensor, eta: float, scale: float):
@@ -100,7 +38,7 @@ def damped_target(C, W_prev: torch.Tensor, eta: float, scale: float):
         raise ValueError(f"damping must be in (0, 1], got {eta!r}")
     beta = (1.0 - eta) * float(scale)
     if hasattr(C, "matmul") and hasattr(C, "rmatmul") and not isinstance(C, torch.Tensor):
-        return _Mixed(C, W_prev, eta, beta)
+        return Mixed(C, W_prev, eta, beta)
     C = torch.as_tensor(C).to(torch.float64)
     return eta * C + beta * W_prev.to(device=C.device, dtype=torch.float64)
 
@@ -127,7 +65,7 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         "orthonormal": F1 = U_rᵀ, F2 = V_rᵀ (the paper's choice on real data; the
         singular values then only select the subspace).
     svd : {"exact", "randomized"}
-        LAPACK SVD of the explicit C, or :func:`unicon_dist.randomized.randomized_svd`
+        LAPACK SVD of the explicit C, or :func:`unicon_dist.math.linalg.randomized_svd`
         with ``oversampling``, ``n_power_iter`` and ``seed``.
 
     return_singular_values : bool
@@ -137,7 +75,7 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         ``spectral_gap`` σ_r/σ_{r+1} (inf when σ_{r+1} = 0; None when the randomized
         sketch has no (r+1)-th value, i.e. no oversampling), ``residual`` the randomized
         range finder's relative residual estimate ‖C − QQᵀC‖_F/‖C‖_F (see
-        :func:`~unicon_dist.randomized.randomized_svd`; None for the exact SVD) and
+        :func:`~unicon_dist.math.linalg.randomized_svd`; None for the exact SVD) and
         ``triplets`` (U, s, Vh): every triplet computed (all of them for the exact SVD,
         the sketch's k for the randomized one), for diagnostics of C beyond rank r.
 
@@ -148,11 +86,9 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
     s : (r,), only with ``return_singular_values``
     info : dict, only with ``return_info``
     """
-    from .randomized import randomized_svd
-
-    is_operator = hasattr(C, "matmul") and hasattr(C, "rmatmul") and not isinstance(C, torch.Tensor)
-    was_numpy = not is_operator and not isinstance(C, torch.Tensor)
-    if is_operator:
+    matrix_free = is_operator(C)
+    was_numpy = not matrix_free and not isinstance(C, torch.Tensor)
+    if matrix_free:
         shape = tuple(C.shape)
     else:
         C = torch.as_tensor(np.asarray(C) if was_numpy else C).to(torch.float64)
@@ -170,11 +106,11 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
         raise ValueError(f"factorization must be one of {FACTORIZATIONS}, got {factorization!r}")
     if svd not in ("exact", "randomized"):
         raise ValueError(f"svd must be 'exact' or 'randomized', got {svd!r}")
-    if is_operator and svd != "randomized":
+    if matrix_free and svd != "randomized":
         raise ValueError("a matrix-free C needs svd='randomized'")
     if ridge:
-        if is_operator:
-            C = _Shifted(C, ridge)
+        if matrix_free:
+            C = Shifted(C, ridge)
         else:
             C = C.clone()
             C.diagonal().add_(ridge)
@@ -182,7 +118,7 @@ def closed_form_step(C, rank: int, rho: float = 1.0, ridge: float = 0.0, factori
     if svd == "exact":
         U, s, Vh = torch.linalg.svd(C, full_matrices=False)
         triplets, residual = (U, s, Vh), None
-        U, Vh = _fix_signs(U[:, :r], Vh[:r])
+        U, Vh = fix_signs(U[:, :r], Vh[:r])
         s_all, s = s, s[:r]
     else:
         U, s, Vh, sketch = randomized_svd(C, r, oversampling, n_power_iter, seed, return_info=True)

@@ -17,7 +17,7 @@ with t = s/τ and a_i = mean_{k∈P(i)} 1/(N_i + e^{t_ik}), so many-to-many posi
 O(n²) plus O(Σ_i |P(i)|); everything is evaluated in log space, so |s/τ| ≈ 80 does not
 overflow float32.  Memory is O((tile + n)(r + a + b)), independent of n².
 
-Block sizes are arguments; :func:`unicon_dist.planning.plan_tiles` chooses them.
+Block sizes are arguments; :func:`unicon_dist.solver.planning.plan_tiles` chooses them.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .losses import ContrastiveLoss, get_loss
+from ..math.losses import ContrastiveLoss, get_loss
 from .planning import plan_tiles
-from .positives import Positives, canonical_groups
-from .validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
+from ..math.positives import Positives, canonical_groups
+from ..math.validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 
 __all__ = ["CrossProductOperator", "weighted_cross_product", "make_batches"]
 
@@ -143,7 +143,7 @@ class CrossProductOperator:
     z_x, z_y : array_like, shape (n, r)
         Embeddings whose inner products are the similarities s_ij.
     loss, temperature, nu
-        The loss (see :func:`unicon_dist.losses.get_loss`).
+        The loss (see :func:`unicon_dist.math.losses.get_loss`).
     negatives : "full" or int
         All n² pairs, or a seeded split of the rows into batches of this size
         (S block-diagonal, the loss keeps the global 1/(2n) normalisation).
@@ -159,7 +159,7 @@ class CrossProductOperator:
         float32 unless the inputs are float64).  C is accumulated in float64.
     progress : callable, optional
         Called as ``progress(stage, done, total)`` after each block of rows (stage
-        "statistics" or "product"), e.g. :class:`unicon_dist.progress.LogProgress`.
+        "statistics" or "product"), e.g. :class:`unicon_dist.solver.progress.LogProgress`.
     panel_rows : int, optional
         Positions per panel (default: all rows in one panel).
     batch_split : {"random", "contiguous"}
@@ -316,7 +316,7 @@ class CrossProductOperator:
 
     def phase_seconds(self) -> dict:
         """Seconds spent so far: pass 1 ("statistics"), products ("product"), and, when the
-        loader keeps them (:class:`unicon_dist.rows.StoreRows`), reading rows ("read") and
+        loader keeps them (:class:`unicon_dist.data.rows.StoreRows`), reading rows ("read") and
         computing features and embeddings ("features") within those passes."""
         out = dict(self._seconds)
         out.update(getattr(self._loader, "seconds", {}))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .jobs import DEFAULT_MAX_ROWS
-from .metrics import retrieval_metrics
+from ..math.metrics import retrieval_metrics
 
 __all__ = ["evaluate_store", "evaluate_arrays", "format_evaluation", "LABEL_EMBEDDINGS"]
 
@@ -64,7 +64,7 @@ def _subset(n: int, max_rows: int, seed: int) -> np.ndarray | None:
 
 
 def _load_model(model):
-    from .model import UniCon
+    from ..solver.estimator import UniCon
 
     if isinstance(model, (str, Path)):
         return UniCon.load(model)
@@ -214,7 +214,7 @@ def evaluate_store(model, store, *, ks=(1, 5, 10), block_rows=None, max_rows=Non
         (``kind`` "zero-shot" when it holds ``label_embeddings_y``, else "prototype";
         ``accuracy`` maps a method to ``{"top1": ..., "top5": ...}``), plus ``store``.
     """
-    from .store import PairStore
+    from ..data.store import PairStore
 
     ks, block_rows, max_rows, seed = _check_options(ks, block_rows, max_rows, seed)
     model = _load_model(model)

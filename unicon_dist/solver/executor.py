@@ -10,7 +10,7 @@ panel, with panel sizes planned from the model's memory budget.
 from __future__ import annotations
 
 from .planning import plan_panels
-from .streamed import CrossProductOperator
+from .operator import CrossProductOperator
 
 __all__ = ["LocalExecutor"]
 
@@ -19,7 +19,7 @@ class LocalExecutor:
     """Run the passes in this process, reading the rows panel by panel.
 
     Memory is bounded by the model's ``memory_budget`` (default 2 GiB), not by the
-    number of pairs: :func:`unicon_dist.planning.plan_panels` sizes the panels, and each
+    number of pairs: :func:`unicon_dist.solver.planning.plan_panels` sizes the panels, and each
     pass streams the stored rows through them.
 
     Examples
@@ -32,7 +32,7 @@ class LocalExecutor:
         return "LocalExecutor()"
 
     def plan(self, n: int, *, memory_budget=None, **sizes):
-        """The :class:`~unicon_dist.planning.PanelPlan` for n pairs of the given sizes."""
+        """The :class:`~unicon_dist.solver.planning.PanelPlan` for n pairs of the given sizes."""
         return plan_panels(n, memory_budget=memory_budget, **sizes)
 
     def cross_product_operator(self, loader, n: int, shape, rank: int, *, plan, **options) -> CrossProductOperator:

@@ -1,7 +1,7 @@
 """Checkpoints of the fixed-point driver: one atomic .npz per fit, rewritten every iteration.
 
 A checkpoint (format ``"unicon_dist.checkpoint/1"``) is a JSON header plus arrays, written
-with :func:`unicon_dist.persistence.atomic_save_npz` (temporary file, fsync, rename), so a
+with :func:`unicon_dist.io.artifacts.atomic_save_npz` (temporary file, fsync, rename), so a
 reader -- or a resumed fit after a crash -- sees the previous iteration's checkpoint or the
 new one, never a torn file.  No pickle.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .persistence import atomic_save_npz, load_npz, read_header
+from .artifacts import atomic_save_npz, load_npz, read_header
 
 __all__ = [
     "FORMAT",
@@ -173,7 +173,7 @@ def read_checkpoint_header(path) -> dict:
     FileNotFoundError
         No such file.
     ArtifactError
-        (a ValueError, :mod:`unicon_dist.persistence`) naming the file: not a unicon_dist
+        (a ValueError, :mod:`unicon_dist.io.artifacts`) naming the file: not a unicon_dist
         checkpoint (another artifact, a foreign file), or a damaged one -- then the
         message says that deleting it starts the fit over.
     """

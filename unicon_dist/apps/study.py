@@ -26,7 +26,7 @@ results go::
 
 ``n`` and ``storage_dtype`` are the study's own keys (in ``[grid]`` only); every other key
 of ``[model]`` and ``[grid]`` is a UniCon option, checked as in a job file
-(:func:`unicon_dist.jobs.load_job`).  Without ``n`` a point fits the whole store out of
+(:func:`unicon_dist.apps.jobs.load_job`).  Without ``n`` a point fits the whole store out of
 core (``model.fit(store)``); ``storage_dtype`` (float64, float32, float16 or bfloat16)
 rounds the rows read into memory, train and test, to that precision before the fit (it
 needs ``n``).
@@ -65,7 +65,7 @@ from .jobs import (
     JobError, StoreInfo, _check_model, _check_model_against_store, _is_int, _is_number, _model_kwargs,
     _model_param_names, _open_store, _resolve, _type_name, _unknown, atomic_write_text, split_tables,
 )
-from .persistence import atomic_write
+from ..io.artifacts import atomic_write
 
 __all__ = [
     "Study", "StudyError", "Point", "load_study", "run_study", "run_point", "round_to_storage", "flatten_record",
@@ -321,13 +321,13 @@ def _check_grid(grid: dict, model: dict, train: StoreInfo | None, errors: list[s
 
 def _point_problems(kwargs: dict, n: int | None, train: StoreInfo | None) -> list[str]:
     """UniCon's own checks of one point's options, and the bounds that need the rows."""
-    from .model import UniCon
+    from ..solver.estimator import UniCon
 
     if n is None:  # fitted from the store: the job-file rules (landmarks = "uniform" only)
         problems = _check_model(kwargs)
     else:
         try:
-            UniCon(**kwargs)._validate_params()
+            UniCon(**kwargs).validate_params()
             problems = []
         except (ValueError, TypeError) as exc:
             problems = [f"[model] {exc}"]
@@ -419,7 +419,7 @@ def load_study(path) -> Study:
     FileNotFoundError
         No such grid file.
     StudyError
-        (a :class:`~unicon_dist.jobs.JobError`, so a ValueError) Every problem found, one
+        (a :class:`~unicon_dist.apps.jobs.JobError`, so a ValueError) Every problem found, one
         line each, naming the file, the table and the key:
         ``"grid.toml: [grid] n = 5000 exceeds the 1,000 rows of the train store ..."``.
 
@@ -429,7 +429,7 @@ def load_study(path) -> Study:
     ``[grid]`` value (a non-empty array without repeats; each element's type as an
     option in a job file); no key in both ``[model]`` and ``[grid]``; the stores (opened
     read-only, schema only); ``2 <= n <=`` the train store's rows; every point's UniCon
-    options through ``UniCon(**options)._validate_params()`` and rank against the
+    options through ``UniCon(**options).validate_params()`` and rank against the
     feature count; the executor; and the output folder: when it already holds a study,
     its ``[data]`` and ``[model]`` must be this file's.
     """
@@ -474,7 +474,7 @@ def round_to_storage(a, storage_dtype: str | None) -> np.ndarray:
         return a
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
-    from .store import cast_to_storage  # what a pair store of that dtype would return
+    from ..data.store import cast_to_storage  # what a pair store of that dtype would return
 
     out = cast_to_storage(np.asarray(a), storage_dtype)
     return out.astype(np.float32) if out.dtype == np.float16 else out
@@ -504,7 +504,7 @@ def _peak_rss_mib(reset: bool = False) -> float | None:
 def _evaluate(model, spec: dict) -> dict:
     """Retrieval on the test store, its inputs rounded like the training rows; the model's numbers only."""
     from .evaluation import BASELINE, LABEL_EMBEDDINGS, _subset, evaluate_arrays, evaluate_store
-    from .store import PairStore
+    from ..data.store import PairStore
 
     storage = spec["storage_dtype"]
     if storage is None:
@@ -555,9 +555,9 @@ def run_point(spec: dict) -> dict:
         it, else None), ``history`` (``model.history_``), ``host``, ``pid``,
         ``finished`` (UTC ISO time), ``version``.
     """
-    from . import __version__
-    from .model import UniCon
-    from .store import PairStore
+    from ..version import __version__
+    from ..solver.estimator import UniCon
+    from ..data.store import PairStore
 
     record = {"id": spec["id"], "status": "error", "options": dict(spec["options"]), "n": spec["n"],
               "storage_dtype": spec["storage_dtype"]}
@@ -760,7 +760,7 @@ def _start_ray(study: Study) -> bool:
     if ray.is_initialized():
         return False
     if study.ray_address is None:  # the embedded loopback-only Ray of RayExecutor
-        from .ray_executor import RayExecutor
+        from ..execution.ray.executor import RayExecutor
 
         RayExecutor(num_workers=1, num_cpus_per_worker=study.cpus_per_task)._init_local_ray()
     else:

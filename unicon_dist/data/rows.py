@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ._allocator import release_free_memory
-from .nystrom import NystroemMap
+from .allocator import release_free_memory
+from ..math.nystrom import NystroemMap
 
 __all__ = ["ArrayPairs", "StoreRows", "embed", "inverse_norms"]
 

@@ -1,6 +1,6 @@
 """Block-size planning: a pure function of shapes, dtype and a memory budget.
 
-The math in :mod:`unicon_dist.streamed` takes block sizes as arguments and never
+The math in :mod:`unicon_dist.solver.operator` takes block sizes as arguments and never
 chooses them; this module is the one place that does (after Falkon's split of
 kernel arithmetic from memory planning).
 """
@@ -11,6 +11,8 @@ import math
 import numbers
 import re
 from dataclasses import dataclass
+
+from ..math.nystrom import plan_feature_rows
 
 __all__ = [
     "parse_bytes", "format_bytes", "TilePlan", "plan_tiles", "plan_feature_rows", "PanelPlan", "plan_panels",
@@ -142,18 +144,6 @@ def plan_tiles(
     if br <= 0 or bc <= 0:
         raise ValueError(f"block sizes must be positive, got {br} x {bc}")
     return TilePlan(int(br), int(bc), int(br) * int(bc) * per_element + int(br) * width * itemsize)
-
-
-# Row blocks of K(X, L) in the Nyström maps: each float64 temporary of the kernel block
-# stays near 8 MiB.  Measured on the 2-core development machine: blocks of 32 MiB
-# temporaries (4096 rows × 1000 landmarks) ran 1.5× slower than 8 MiB ones, because
-# allocations that large are fresh mmaps and page-fault on every block.
-_FEATURE_BLOCK_BYTES = 8 << 20
-
-
-def plan_feature_rows(n_landmarks: int, itemsize: int = 8) -> int:
-    """Rows per block of the Nyström feature map for ``n_landmarks`` landmarks."""
-    return max(64, _FEATURE_BLOCK_BYTES // (max(int(n_landmarks), 1) * itemsize))
 
 
 # Working memory of a pass over a store when no budget is given.
