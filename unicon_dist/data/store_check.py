@@ -35,14 +35,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .store import (
-    _PARTIAL, FORMAT, LOCK_FILE, SCHEMA_VERSION, STORE_DTYPES, ChunkError, PairStore, _describe_holder,
-    _lock_holder, _partial_files,
-)
+from .store import PairStore
+from .store_format import AUX_GROUP, FORMAT, SCHEMA_VERSION, STORE_DTYPES
+from .store_lock import LOCK_FILE, PARTIAL_FILE, describe_holder, partial_files, read_lock_holder
+from .store_read import ChunkError, chunk_key
 
 __all__ = ["check_store", "StoreProblem", "StoreCheckReport"]
-
-_AUX = "aux"
 
 
 @dataclass
@@ -238,7 +236,7 @@ def _check_schema(attrs: dict, rep: StoreCheckReport) -> dict | None:
     good = {}
     for name, entry in registry.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
-                and entry["path"].startswith(f"{_AUX}/") and isinstance(entry.get("shape"), list)
+                and entry["path"].startswith(f"{AUX_GROUP}/") and isinstance(entry.get("shape"), list)
                 and isinstance(entry.get("dtype"), str)):
             bad(f"aux entry {name!r} is {entry!r}, not {{'path': 'aux/...', 'shape': [...], 'dtype': ...}}")
         else:
@@ -322,7 +320,7 @@ def _check_chunks(store: PairStore, name: str, limit: int, schema: dict, rep: St
                                              key=exc.key, rows=[a, b - 1]))
             continue
         except (ValueError, OSError) as exc:
-            key = store._key(store._arrays[name], c)
+            key = chunk_key(store._arrays[name], c)
             rep.problems.append(StoreProblem("corrupt-chunk", f"array {name!r} chunk {c} (key {key!r}, rows "
                                              f"{a}\u2013{b - 1}): {exc}", array=name, chunk=c, key=key,
                                              rows=[a, b - 1]))
@@ -332,7 +330,7 @@ def _check_chunks(store: PairStore, name: str, limit: int, schema: dict, rep: St
             if bad.size:
                 shown = ", ".join(str(int(r) + a) for r in bad[:5])
                 more = f" and {bad.size - 5} more" if bad.size > 5 else ""
-                key = store._key(store._arrays[name], c)
+                key = chunk_key(store._arrays[name], c)
                 rep.problems.append(StoreProblem(
                     "label-range", f"array 'labels' chunk {c} (key {key!r}, rows {a}\u2013{b - 1}): labels "
                     f"outside [0, {len(names)}) (the store's label_names) in rows {shown}{more}: values "
@@ -377,12 +375,12 @@ def _note_writer(path: Path, rep: StoreCheckReport) -> bool:
             raise
     finally:
         os.close(fd)
-    holder = _lock_holder(lock)
+    holder = read_lock_holder(lock)
     if held:
-        rep.notes.append(f"a writer is running: the lock is held {_describe_holder(holder)}; rows it commits "
+        rep.notes.append(f"a writer is running: the lock is held {describe_holder(holder)}; rows it commits "
                          "after this check started are not checked")
     elif holder is not None:
-        who = _describe_holder(holder).removeprefix("by ")
+        who = describe_holder(holder).removeprefix("by ")
         rep.notes.append(f"the last writer did not finish cleanly (it was {who}); the next writer removes the "
                          "temporaries it left")
     return held
@@ -395,18 +393,18 @@ _CHUNK_1D = re.compile(r"c/\d+")
 def _check_strays(path: Path, attrs: dict, rep: StoreCheckReport, registry: dict | None, running: bool) -> None:
     """Temporaries, unregistered auxiliary arrays (not when ``registry`` is None:
     unusable) and unknown files."""
-    for f in _partial_files(path):
+    for f in partial_files(path):
         key = f.relative_to(path).as_posix()
         if running:
             rep.notes.append(f"{key}: a write temporary, probably of the running writer")
         else:
             rep.problems.append(StoreProblem("stray-partial", f"{key}: a write temporary left by an interrupted "
                                              "write (the next writer removes it)", key=key))
-    expected = {"zarr.json", LOCK_FILE, "x", "y", _AUX}
+    expected = {"zarr.json", LOCK_FILE, "x", "y", AUX_GROUP}
     for name in ("groups", "labels"):
         if attrs.get(f"has_{name}", False) is not False:  # true, or unusable (reported as a schema problem)
             expected.add(name)
-    partial = _PARTIAL.fullmatch  # reported above
+    partial = PARTIAL_FILE.fullmatch  # reported above
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
         if entry.name not in expected and not partial(entry.name):
             what = "directory" if entry.is_dir() else "file"
@@ -423,7 +421,7 @@ def _check_strays(path: Path, attrs: dict, rep: StoreCheckReport, registry: dict
                 if rel != "zarr.json" and not pattern.fullmatch(rel) and not partial(f):
                     rep.problems.append(StoreProblem("stray-file", f"{name}/{rel}: not a chunk of array {name!r}",
                                                      array=name, key=f"{name}/{rel}"))
-    aux = path / _AUX
+    aux = path / AUX_GROUP
     if registry is not None and aux.is_dir():
         live = {e["path"].split("/", 1)[1] for e in registry.values()}
         for entry in sorted(os.scandir(aux), key=lambda e: e.name):
@@ -431,8 +429,8 @@ def _check_strays(path: Path, attrs: dict, rep: StoreCheckReport, registry: dict
                 continue
             if entry.is_dir() and entry.name not in live:
                 rep.problems.append(StoreProblem(
-                    "stray-aux", f"{_AUX}/{entry.name}: an auxiliary array not in the registry (left by an "
-                    "interrupted put_array; the next put_array removes it)", key=f"{_AUX}/{entry.name}"))
+                    "stray-aux", f"{AUX_GROUP}/{entry.name}: an auxiliary array not in the registry (left by an "
+                    "interrupted put_array; the next put_array removes it)", key=f"{AUX_GROUP}/{entry.name}"))
             elif not entry.is_dir():
-                rep.problems.append(StoreProblem("stray-file", f"{_AUX}/{entry.name}: unknown file in {_AUX}/",
-                                                 key=f"{_AUX}/{entry.name}"))
+                rep.problems.append(StoreProblem("stray-file", f"{AUX_GROUP}/{entry.name}: unknown file in "
+                                                 f"{AUX_GROUP}/", key=f"{AUX_GROUP}/{entry.name}"))
