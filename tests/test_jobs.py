@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import unicon_dist as ud
+from unicon_dist.apps import job_spec
 from unicon_dist.apps.jobs import JobError, load_job, parse_bytes
 from unicon_dist.data.store import PairStore
 
@@ -62,7 +63,7 @@ def test_valid_job_defaults(workdir):
     assert (job.data.store.n_rows, job.data.store.dim_x, job.data.store.dim_y) == (40, 6, 5)
     assert job.data.eval_store is None and job.data.groups is None and not job.data.use_groups
     assert job.executor.kind == "local"
-    assert job.evaluate == ud.jobs.EvaluateSpec()
+    assert job.evaluate == job_spec.EvaluateSpec()
     assert job.output.model == workdir / "out" / "model.npz"
     assert job.output.metrics is None and job.output.overwrite is False
     model = job.make_model()
@@ -276,7 +277,8 @@ def test_rank_against_the_store(workdir):
 
 
 def test_executor_table(workdir, monkeypatch):
-    monkeypatch.delattr(ud, "RayExecutor", raising=False)
+    # the executor classes are looked up in job_spec when a job is checked or made
+    monkeypatch.setattr(job_spec, "RayExecutor", None)
     errs = errors_of(workdir, executor='kind = "ray"')
     assert errs == ['[executor] kind = "ray" is not available yet in this unicon_dist (no ud.RayExecutor); '
                     'use kind = "local"']
@@ -291,7 +293,7 @@ def test_executor_table(workdir, monkeypatch):
         def __init__(self, **kwargs):
             made.update(kwargs)
 
-    monkeypatch.setattr(ud, "RayExecutor", FakeRay, raising=False)
+    monkeypatch.setattr(job_spec, "RayExecutor", FakeRay)
     job = load_job(write_job(workdir, job_text(
         executor='kind = "ray"\naddress = "ray://head:10001"\nnum_workers = 4\nnum_gpus_per_worker = 0.5')))
     assert isinstance(job.executor.make(), FakeRay)
@@ -314,7 +316,7 @@ def test_cuda_device_needs_a_gpu_for_the_local_executor(workdir, monkeypatch):
 
 def test_evaluate_table(workdir):
     job = load_job(write_job(workdir, job_text(evaluate="ks = [10, 1, 1]\nmax_rows = 500\nseed = 3\nblock_rows = 8")))
-    assert job.evaluate == ud.jobs.EvaluateSpec(ks=(1, 10), max_rows=500, seed=3, block_rows=8)
+    assert job.evaluate == job_spec.EvaluateSpec(ks=(1, 10), max_rows=500, seed=3, block_rows=8)
     errs = errors_of(workdir, evaluate='ks = [0]\nmax_rows = 1\nseed = -1\nblock_rows = "8"')
     assert [e.split(" must")[0] for e in errs] == [
         "[evaluate] ks", "[evaluate] max_rows", "[evaluate] seed", "[evaluate] block_rows"]
@@ -350,7 +352,7 @@ def test_output_folder_not_writable(workdir, monkeypatch):
     ro = workdir / "ro"
     ro.mkdir()
     # the check asks os.access (root passes a chmod 500 folder, so simulate the answer)
-    monkeypatch.setattr(ud.jobs.os, "access", lambda p, mode: os.path.abspath(p) != str(ro))
+    monkeypatch.setattr(os, "access", lambda p, mode: os.path.abspath(p) != str(ro))
     errs = errors_of(workdir, output='model = "ro/sub/model.npz"')
     assert errs == [f"[output] model: cannot create {ro / 'sub' / 'model.npz'}: folder {ro} is not writable"]
 

@@ -22,7 +22,7 @@ _DEMO_DEFAULTS = {"fashion-mnist": (64, 0.1), "digits": (16, 0.5)}
 
 def _demo_data(args):
     """(train_left, train_right, test_left, test_right, test_labels, class names, description)."""
-    from unicon_dist.data.datasets import (
+    from ..data.datasets import (
         DIGITS_CLASSES, FASHION_MNIST_CLASSES, load_digits_halves, load_fashion_mnist_halves,
     )
 
@@ -65,8 +65,8 @@ def _demo_data(args):
 def cmd_demo(args) -> int:
     import time
 
-    import unicon_dist as ud
-    from unicon_dist.apps.evaluation import evaluate_arrays, format_evaluation
+    from ..solver.estimator import UniCon
+    from .evaluation import evaluate_arrays, format_evaluation
 
     t_start = time.perf_counter()
     rank_default, temperature_default = _DEMO_DEFAULTS[args.dataset]
@@ -74,7 +74,7 @@ def cmd_demo(args) -> int:
     temperature = temperature_default if args.temperature is None else args.temperature
     out = args.out if args.out is not None else Path(f"runs/demo/{args.dataset}-unicon.npz")
     limits = {k: v for k, v in (("max_iter", args.max_iter), ("tol", args.tol)) if v is not None}
-    model = ud.UniCon(rank=rank, kernel=args.kernel, temperature=temperature, seed=args.seed, verbose=args.verbose,
+    model = UniCon(rank=rank, kernel=args.kernel, temperature=temperature, seed=args.seed, verbose=args.verbose,
                       **limits)
     model.validate_params()  # before any data is read
     train_l, train_r, test_l, test_r, test_labels, classes, desc = _demo_data(args)
@@ -111,7 +111,7 @@ def cmd_demo(args) -> int:
 def cmd_solve(args) -> int:
     import time
 
-    from unicon_dist.apps.jobs import load_job, run_job
+    from .jobs import load_job, run_job
 
     t0 = time.perf_counter()
     job = load_job(args.job, resume=args.resume)
@@ -125,7 +125,7 @@ def cmd_solve(args) -> int:
         logging.getLogger("unicon_dist").setLevel(logging.INFO)
     record = run_job(job, validate_seconds=validate_s)
     if record["evaluation"] is not None:
-        from unicon_dist.apps.evaluation import format_evaluation
+        from .evaluation import format_evaluation
 
         print()
         print(format_evaluation(record["evaluation"]))
@@ -138,8 +138,8 @@ def cmd_solve(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
-    from unicon_dist.apps.evaluation import evaluate_store, format_evaluation
-    from unicon_dist.apps.jobs import atomic_write_text
+    from .evaluation import evaluate_store, format_evaluation
+    from .jobs import atomic_write_text
 
     result = evaluate_store(args.model, args.store, ks=tuple(args.ks), max_rows=args.max_rows,
                             block_rows=args.block_rows, seed=args.seed)
@@ -155,9 +155,9 @@ def cmd_evaluate(args) -> int:
 def cmd_resolve(args) -> int:
     import time
 
-    import unicon_dist as ud
+    from ..solver.estimator import UniCon
 
-    model = ud.UniCon.load(args.model)
+    model = UniCon.load(args.model)
     version = (model.lineage_[-1]["version"] if model.lineage_ else 1) + 1
     out = args.out if args.out is not None else args.model.with_name(f"{_stem(args.model)}.v{version}.npz")
     if out.exists():
@@ -181,7 +181,7 @@ def _stem(path: Path) -> str:
 
 # ---------------------------------------------------------------------------- study
 def cmd_study(args) -> int:
-    from unicon_dist.apps.study import load_study, run_study
+    from .study import load_study, run_study
 
     study = load_study(args.grid)
     print(study.describe())
@@ -202,7 +202,7 @@ def cmd_study(args) -> int:
 def cmd_check_store(args) -> int:
     import json
 
-    from unicon_dist.data.store_check import check_store
+    from ..data.store_check import check_store
 
     report = check_store(args.path)  # not a pair store: ValueError / FileNotFoundError -> exit 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
@@ -235,7 +235,7 @@ def _label_names_arg(args):
 def cmd_ingest(args) -> int:
     import time
 
-    from unicon_dist.data.ingest import ingest
+    from ..data.ingest import ingest
 
     t0 = time.perf_counter()
     store = ingest(args.x_source, args.y_source, args.out, groups=args.groups, labels=args.labels,

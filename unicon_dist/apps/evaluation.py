@@ -25,11 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .jobs import DEFAULT_MAX_ROWS
+from ..data.store import PairStore
 from ..math.metrics import retrieval_metrics
+from ..solver.estimator import UniCon
 
-__all__ = ["evaluate_store", "evaluate_arrays", "format_evaluation", "LABEL_EMBEDDINGS"]
+__all__ = [
+    "evaluate_store", "evaluate_arrays", "format_evaluation", "subset_rows", "LABEL_EMBEDDINGS", "BASELINE",
+    "DEFAULT_MAX_ROWS",
+]
 
+# rows evaluated at most unless told otherwise: retrieval over n rows scores n² pairs
+DEFAULT_MAX_ROWS = 10_000
 LABEL_EMBEDDINGS = "label_embeddings_y"
 _CLASS_KS = (1, 5)
 BASELINE = "unaligned (identity)"
@@ -56,16 +62,29 @@ def _check_options(ks, block_rows, max_rows, seed):
     return tuple(sorted({int(k) for k in ks})), block_rows, int(max_rows), int(seed)
 
 
-def _subset(n: int, max_rows: int, seed: int) -> np.ndarray | None:
-    """Sorted seeded sample of ``max_rows`` of ``n`` rows, or None for all rows."""
+def subset_rows(n: int, max_rows: int, seed: int) -> np.ndarray | None:
+    """The rows an evaluation of ``n`` rows takes: a sorted seeded sample of ``max_rows``, or None for all.
+
+    Parameters
+    ----------
+    n : int
+        Rows available.
+    max_rows : int
+        At most this many are evaluated.
+    seed : int
+        Seed of the sample (``numpy.random.default_rng``).
+
+    Returns
+    -------
+    ndarray of int, shape (max_rows,), or None
+        Sorted row indices; None when ``n <= max_rows`` (every row).
+    """
     if n <= max_rows:
         return None
     return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
 
 
 def _load_model(model):
-    from ..solver.estimator import UniCon
-
     if isinstance(model, (str, Path)):
         return UniCon.load(model)
     if not (hasattr(model, "encode_x") and hasattr(model, "encode_y")):
@@ -214,8 +233,6 @@ def evaluate_store(model, store, *, ks=(1, 5, 10), block_rows=None, max_rows=Non
         (``kind`` "zero-shot" when it holds ``label_embeddings_y``, else "prototype";
         ``accuracy`` maps a method to ``{"top1": ..., "top5": ...}``), plus ``store``.
     """
-    from ..data.store import PairStore
-
     ks, block_rows, max_rows, seed = _check_options(ks, block_rows, max_rows, seed)
     model = _load_model(model)
     if not isinstance(store, PairStore):
@@ -235,7 +252,7 @@ def evaluate_store(model, store, *, ks=(1, 5, 10), block_rows=None, max_rows=Non
         if label_embeddings.ndim != 2 or label_embeddings.shape[1] != store.dim_y:
             raise ValueError(f"pair store {store.path}: {LABEL_EMBEDDINGS} has shape {label_embeddings.shape}, "
                              f"expected (n_classes, {store.dim_y})")
-    subset = _subset(n, max_rows, seed)
+    subset = subset_rows(n, max_rows, seed)
     collector = _Collector(model, baseline)
     if subset is None:
         for start, x, y, groups in store.iter_blocks(block_rows):
@@ -297,7 +314,7 @@ def evaluate_arrays(model, x, y, *, labels=None, groups=None, label_embeddings=N
                              f"got {label_embeddings.shape}")
     if baseline is None:
         baseline = x.shape[1] == y.shape[1]
-    subset = _subset(n, max_rows, seed)
+    subset = subset_rows(n, max_rows, seed)
     rows = np.arange(n) if subset is None else subset
     collector = _Collector(model, baseline)
     step = block_rows or 4096
