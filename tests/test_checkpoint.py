@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import unicon_dist as ud
-import unicon_dist.solver.estimator as model_module
+import unicon_dist.solver.fit_paths as fit_paths
+import unicon_dist.solver.fixed_point as fixed_point
 from unicon_dist.io.checkpoints import FORMAT, array_digest, load_checkpoint, read_checkpoint_header
 from unicon_dist.apps.cli import main
 from unicon_dist.math.whitening import FeatureWhitening, Moments
@@ -70,7 +71,7 @@ class Interrupt(Exception):
 
 def interrupt_after(mp, k):
     """closed_form_step raises on its (k+1)-th call: the driver dies after checkpoint k is written."""
-    step = model_module.closed_form_step
+    step = fixed_point.closed_form_step
     calls = []
 
     def dying_step(*args, **kwargs):
@@ -79,18 +80,18 @@ def interrupt_after(mp, k):
             raise Interrupt(f"killed during iteration {k + 1}")
         return step(*args, **kwargs)
 
-    mp.setattr(model_module, "closed_form_step", dying_step)
+    mp.setattr(fixed_point, "closed_form_step", dying_step)
 
 
 def count_steps(mp):
-    step = model_module.closed_form_step
+    step = fixed_point.closed_form_step
     calls = []
 
     def counting_step(*args, **kwargs):
         calls.append(1)
         return step(*args, **kwargs)
 
-    mp.setattr(model_module, "closed_form_step", counting_step)
+    mp.setattr(fixed_point, "closed_form_step", counting_step)
     return calls
 
 
@@ -194,15 +195,15 @@ _CHILD = textwrap.dedent("""\
     import torch
     torch.set_num_threads(int(sys.argv[3]))  # the parent's: same BLAS blocking, same bits
     import unicon_dist as ud
-    import unicon_dist.solver.estimator as model_module
+    import unicon_dist.solver.fixed_point as fixed_point
 
-    step = model_module.closed_form_step
+    step = fixed_point.closed_form_step
 
     def slow_step(*args, **kwargs):
         time.sleep(0.3)  # room for the parent to kill between two checkpoints
         return step(*args, **kwargs)
 
-    model_module.closed_form_step = slow_step
+    fixed_point.closed_form_step = slow_step
     ud.UniCon(**json.loads(sys.argv[4])).fit(sys.argv[1], checkpoint=sys.argv[2])
     """)
 
@@ -329,8 +330,8 @@ def test_resume_a_finished_fit_only_restores(tmp_path, monkeypatch, data, option
     assert header["finished"] and header["converged"] == reference.converged_
     before = ckpt.read_bytes()
     with monkeypatch.context() as mp:
-        mp.setattr(model_module, "closed_form_step", fail)
-        mp.setattr(ud.UniCon, "_operator", fail)  # no pass over the data at all
+        mp.setattr(fixed_point, "closed_form_step", fail)
+        mp.setattr(fit_paths, "CrossProductOperator", fail)  # no pass over the data at all
         resumed = ud.UniCon(**options).fit(X, Y, checkpoint=ckpt, resume=True)
     assert_same_model(resumed, reference)
     assert ckpt.read_bytes() == before
@@ -339,7 +340,7 @@ def test_resume_a_finished_fit_only_restores(tmp_path, monkeypatch, data, option
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, caplog, data):
     X, Y = data
     ckpt = tmp_path / "new" / "c.npz"
-    with caplog.at_level(logging.INFO, logger="unicon_dist.solver.estimator"):
+    with caplog.at_level(logging.INFO, logger="unicon_dist.io.checkpoints"):
         model = ud.UniCon(**CONVERGING).fit(X, Y, checkpoint=ckpt, resume=True)
     assert f"no checkpoint at {ckpt}; fitting from scratch" in caplog.text
     assert_same_model(model, ud.UniCon(**CONVERGING).fit(X, Y))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import unicon_dist as ud
-import unicon_dist.solver.estimator as model_module
+import unicon_dist.solver.fit_paths as fit_paths
+import unicon_dist.solver.fixed_point as fixed_point
 from unicon_dist.math.kernels import RBF, ArcCosine, Laplacian, Polynomial, get_kernel, kernel_from_params
 from unicon_dist.data.store import PairStore
 from unicon_dist.solver.operator import make_batches
@@ -35,10 +36,10 @@ def _model(**options):
 def no_pass(monkeypatch):
     """Fail the test if the fixed-point iteration (every pass over the rows) starts."""
 
-    def forbidden(self, *args, **kwargs):
+    def forbidden(*args, **kwargs):
         raise AssertionError("the iteration started; the setting should have been refused before it")
 
-    monkeypatch.setattr(ud.UniCon, "_iterate", forbidden)
+    monkeypatch.setattr(fixed_point, "solve", forbidden)
 
 
 # ------------------------------------------------------------------ groups and negatives
@@ -112,12 +113,12 @@ def test_a_zero_matrix_at_the_scale_update_is_a_clear_error():
     W_prev = (F1.T @ F2).to(torch.float64)
     C = torch.zeros_like(W_prev)
     with pytest.raises(ValueError, match="nothing to learn: the matrix this step factors .* is exactly 0"):
-        m._step(C, W_prev, True, 1.0, factors=(F1, F2))
+        fixed_point.step(C, W_prev, True, 1.0, fixed_point.FixedPointOptions.from_estimator(m), factors=(F1, F2))
 
 
 def test_the_scale_update_stops_cleanly_when_the_contrast_check_is_bypassed(monkeypatch):
     # the iteration itself must not divide by zero, whatever the checks before it let through
-    monkeypatch.setattr(model_module, "_check_negative_pairs", lambda *args: None)
+    monkeypatch.setattr(fit_paths, "check_negative_pairs", lambda *args: None)
     X, Y = _pairs()
     with pytest.raises(ValueError, match="nothing to learn"):
         _model().fit(X, Y, groups=np.zeros(N))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import unicon_dist as ud
+from unicon_dist.solver.fit_paths import budget_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,7 +115,7 @@ def test_too_small_a_budget_fails_before_any_work_naming_the_smallest():
 @pytest.mark.parametrize("value, expected", [("64MiB", 64 * MIB), ("1.5GB", 1_500_000_000), (np.int64(5 * MIB), 5 * MIB)])
 def test_memory_budget_accepts_size_strings(value, expected):
     model = ud.UniCon(memory_budget=value)
-    assert model._budget_bytes() == expected
+    assert budget_bytes(model.memory_budget) == expected
     assert model.get_params()["memory_budget"] == value  # the parameter itself is kept as given
 
 

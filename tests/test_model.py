@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import unicon_dist as ud
+from unicon_dist.data.rows import embed
 
 from _options import paper_unicon
 from _refs import batches, rel_err, svd_truncate, tangent_projection, uneven_groups
@@ -359,7 +360,8 @@ def test_damping_breaks_the_two_cycle_and_keeps_the_fixed_point():
     assert damped.converged_
     # one undamped step from the damped fixed point returns it
     phi_x, phi_y = torch.as_tensor(X), torch.as_tensor(Y)
-    op = damped._operator(phi_x, phi_y, torch.as_tensor(damped.F1_), torch.as_tensor(damped.F2_), None)
+    zs = embed(phi_x, phi_y, torch.as_tensor(damped.F1_), torch.as_tensor(damped.F2_), str(damped.similarity))
+    op = ud.CrossProductOperator(*zs, loss=damped.loss_fn_, negatives=damped.negatives)
     F1, F2 = closed_form_step(op.materialize(), 6, 1.0, 0.0, "sqrt")
     W_next = (F1.T @ F2).numpy()
     assert np.linalg.norm(W_next - damped.W_) / np.linalg.norm(damped.W_) < 1e-4

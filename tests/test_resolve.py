@@ -177,9 +177,9 @@ def test_refresh_maps_re_estimates_the_whitening_and_carries_the_warm_start(tmp_
     assert refreshed.converged_ and cold.converged_
     assert np.linalg.norm(refreshed.W_ - cold.W_) / np.linalg.norm(cold.W_) < 1e-4
     # the carried warm start is the parent's embedding up to the mean shift
-    from unicon_dist.solver.estimator import _carry_encoder
+    from unicon_dist.solver.feature_maps import carry_encoder
 
-    F1 = _carry_encoder(model.F1_, model.map_x_, refreshed.map_x_)
+    F1 = carry_encoder(model.F1_, model.map_x_, refreshed.map_x_)
     z_parent = model.map_x_.transform(torch.as_tensor(X)) @ torch.as_tensor(model.F1_).T
     z_carried = refreshed.map_x_.transform(torch.as_tensor(X)) @ F1.T
     shift = (refreshed.map_x_.mean - model.map_x_.mean) @ model.map_x_.matrix @ torch.as_tensor(model.F1_).T

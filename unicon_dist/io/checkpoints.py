@@ -9,7 +9,8 @@ Header keys: ``format``, ``version``, ``fingerprint`` (what the fit was run on, 
 below), ``iteration`` k (the last completed step), ``finished`` (converged, or k reached
 ``max_iter``), ``converged``, ``history``, ``initial_loss``, ``best`` (objective and
 iteration of the lowest-objective iterate so far), ``svd_solver``, ``n_features``,
-``n_inputs`` and ``maps`` (the Nyström maps' kernels, as :meth:`UniCon.save` writes them).
+``n_inputs`` and ``maps`` (the feature maps, as :func:`unicon_dist.io.model_files.maps_state`
+writes them for a model file).
 Arrays: ``F1``, ``F2``, ``W`` of iteration k (W is the next step's W_prev), ``best_F1``,
 ``best_F2``, ``best_W`` when the best iterate is not k, and the maps' landmarks and
 normalisations.
@@ -19,19 +20,26 @@ The fingerprint is an ordered mapping of named fields: every constructor option 
 its resolved path, committed row count, dims, dtype and whether its groups are used; for
 arrays the pair count, dims and a content digest of X, Y and groups.  A resumed fit must
 match it field by field, so a checkpoint is never continued on other data or settings.
+
+:class:`CheckpointRun` is one fit's checkpoint: opened (and, resuming, read and checked)
+before the fit, written after every step.  It takes and gives plain arrays, tensors and
+the feature maps of :mod:`unicon_dist.math`, never the estimator.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..version import __version__
 from .artifacts import atomic_save_npz, load_npz, read_header
+from .model_files import maps_from_state, maps_state
 
 __all__ = [
     "FORMAT",
@@ -44,7 +52,10 @@ __all__ = [
     "read_checkpoint_header",
     "load_checkpoint",
     "write_checkpoint",
+    "CheckpointRun",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "unicon_dist.checkpoint/1"
 # rows hashed by array_digest: enough to tell data sets apart, cheap for millions of rows
@@ -192,3 +203,138 @@ def load_checkpoint(path) -> tuple[dict, dict]:
 def write_checkpoint(path, header: dict, arrays: dict) -> Path:
     """Write a checkpoint atomically (the previous one stays intact if this write fails)."""
     return atomic_save_npz(os.fspath(path), {**header, "format": FORMAT}, arrays)
+
+
+class CheckpointRun:
+    """The checkpoint of one fit: its file, the fingerprint it must match, the state resumed from.
+
+    Parameters
+    ----------
+    path : Path
+        The checkpoint file.
+    fingerprint : dict
+        What the fit is run on (options, then data; see the module's notes).
+
+    Attributes
+    ----------
+    header, arrays : dict or None
+        The checkpoint read by :meth:`resume` (None: none was read; the fit starts over).
+    maps : dict or None
+        {"x": map, "y": map}: the feature maps the checkpoint holds, on the fit's device.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.header = self.arrays = self.maps = None  # set by resume() when there is a state
+
+    @classmethod
+    def open(cls, path, fingerprint: dict, *, resume: bool, device=None) -> "CheckpointRun":
+        """The checkpoint of a fit about to start, resumed from when ``resume`` and it exists.
+
+        Raises
+        ------
+        ValueError
+            ``path`` is a directory; or, resuming, the checkpoint belongs to another fit
+            (naming the first field that differs) or is damaged; or, not resuming, the
+            file there is no checkpoint (a saved model, say), which a fit never replaces.
+        """
+        run = cls(Path(path), fingerprint)
+        if run.path.is_dir():
+            raise ValueError(f"checkpoint {run.path} is a directory; pass the path of a file (e.g. fit.ckpt.npz)")
+        if resume:
+            run.resume(device)
+        elif run.path.exists():
+            try:  # an old checkpoint is replaced; any other file (a saved model, say) is not
+                read_checkpoint_header(run.path)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; refusing to replace it with a checkpoint") from None
+        return run
+
+    def resume(self, device) -> None:
+        """Read the checkpoint, if there is one, after checking that it belongs to this fit."""
+        if not self.path.exists():
+            logger.info("no checkpoint at %s; fitting from scratch", self.path)
+            return
+        header, arrays = load_checkpoint(self.path)
+        check_fingerprint(self.path, header, self.fingerprint)
+        if header.get("version") != __version__:
+            logger.warning("checkpoint %s was written by unicon_dist %s, this is %s; the resumed fit may differ "
+                           "in round-off from an uninterrupted one", self.path, header.get("version"), __version__)
+        state = "a finished fit" if header["finished"] else f"iteration {header['iteration']}"
+        logger.info("resuming from checkpoint %s (%s)", self.path, state)
+        self.header, self.arrays = header, arrays
+        self.maps = maps_from_state(header["maps"], arrays, device)
+
+    def fit_state(self, device, *, svd_solver: str, n_features, n_inputs, rank: int) -> dict:
+        """The iteration state read back, checked against the sizes of the fit resuming it.
+
+        Returns
+        -------
+        dict
+            ``iteration`` k, ``finished``, ``F1``, ``F2``, ``W`` (tensors of step k on
+            ``device``), ``best`` (criterion, iteration, F1, F2, W of the kept iterate),
+            ``history``, ``converged``, ``stop_reason``, ``initial_loss``.
+
+        Raises
+        ------
+        ValueError
+            The checkpoint's solver, sizes or array shapes differ from the fit's.
+        """
+        h, a = self.header, self.arrays
+        mx, my = n_features
+        expected = {
+            "svd_solver": (h.get("svd_solver"), svd_solver),
+            "n_features": (h.get("n_features"), list(n_features)),
+            "n_inputs": (h.get("n_inputs"), list(n_inputs)),
+            "F1 shape": (a["F1"].shape if "F1" in a else None, (rank, mx)),
+            "F2 shape": (a["F2"].shape if "F2" in a else None, (rank, my)),
+            "W shape": (a["W"].shape if "W" in a else None, (mx, my)),
+        }
+        for key, (saved, now) in expected.items():
+            if saved != now:
+                raise ValueError(f"checkpoint {self.path} does not fit this model: {key} is {saved!r} there, "
+                                 f"{now!r} here; delete it to start over")
+
+        def tensor(name):
+            return torch.as_tensor(np.ascontiguousarray(a[name]), device=device)
+
+        k = int(h["iteration"])
+        F1, F2, W = tensor("F1"), tensor("F2"), tensor("W")
+        objective, best_it = float(h["best"]["criterion"]), int(h["best"]["iteration"])
+        if best_it == k:
+            best = (objective, k, F1, F2, W)
+        else:
+            best = (objective, best_it, tensor("best_F1"), tensor("best_F2"), tensor("best_W"))
+        return {"iteration": k, "finished": bool(h["finished"]), "F1": F1, "F2": F2, "W": W, "best": best,
+                "history": [dict(entry) for entry in h["history"]], "converged": bool(h["converged"]),
+                "stop_reason": h.get("stop_reason"), "initial_loss": float(h["initial_loss"])}
+
+    def write(self, iteration: int, F1, F2, W, best, *, finished: bool, converged: bool, history: list,
+              initial_loss: float, stop_reason, svd_solver: str, n_features, n_inputs, maps) -> None:
+        """Write the state after ``iteration`` atomically (the previous checkpoint survives a failure).
+
+        ``best`` is (criterion, iteration, F1, F2, W) of the kept iterate; ``maps`` the
+        feature maps (map_x, map_y) of the fit.
+        """
+        map_specs, arrays = maps_state(*maps)
+        arrays.update(F1=F1.cpu().numpy(), F2=F2.cpu().numpy(), W=W.cpu().numpy())
+        objective, best_it = best[0], best[1]
+        if best_it != iteration:  # the best iterate is stored once when it is the current one
+            arrays.update(best_F1=best[2].cpu().numpy(), best_F2=best[3].cpu().numpy(), best_W=best[4].cpu().numpy())
+        header = {
+            "version": __version__,
+            "fingerprint": normalize(self.fingerprint),
+            "iteration": iteration,
+            "finished": bool(finished),
+            "converged": bool(converged),
+            "history": history,
+            "initial_loss": initial_loss,
+            "best": {"criterion": objective, "iteration": best_it},
+            "stop_reason": stop_reason,
+            "svd_solver": svd_solver,
+            "n_features": list(n_features),
+            "n_inputs": list(n_inputs),
+            "maps": map_specs,
+        }
+        write_checkpoint(self.path, header, arrays)

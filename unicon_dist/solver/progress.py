@@ -6,7 +6,11 @@ import logging
 import time
 from typing import Callable, Protocol
 
-__all__ = ["Progress", "LogProgress"]
+__all__ = ["FIT_LOGGER", "Progress", "LogProgress"]
+
+# the one logger of a fit's progress (``UniCon(verbose=True)``) and outcome, whichever
+# module of the solver reports it: users and tests select it by this name
+FIT_LOGGER = "unicon_dist.solver.estimator"
 
 
 class Progress(Protocol):
