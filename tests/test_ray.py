@@ -2,6 +2,7 @@
 
 import ipaddress
 import os
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -10,7 +11,7 @@ import pytest
 import unicon_dist as ud
 
 from _budgets import panel_budget
-from unicon_dist.execution.ray.executor import assign_panels
+from unicon_dist.execution.ray.worker import PanelWorker
 
 ray = pytest.importorskip("ray")
 
@@ -39,12 +40,6 @@ def executors():
     yield {1: one, 2: two}
     one.shutdown()
     two.shutdown()  # started Ray, so it stops it
-
-
-def test_assign_panels_is_contiguous_and_balanced():
-    assert assign_panels([10] * 6, 2) == [[0, 1, 2], [3, 4, 5]]
-    assert assign_panels([50, 10, 10, 10, 10, 10], 2) == [[0], [1, 2, 3, 4, 5]]
-    assert assign_panels([5], 3) == [[0], [], []]
 
 
 # a budget that cuts the 900 rows into panels of about 260 (see tests/test_outofcore.py)
@@ -77,16 +72,85 @@ def test_ray_fit_equals_local_fit(stores, executors, name, options, workers):
         np.testing.assert_allclose(np.array(a, dtype=float), np.array(b, dtype=float), rtol=1e-5)
 
 
+def exiting_worker(worker: int, method: str, call: int, marker: str) -> type:
+    """A PanelWorker class whose worker ``worker`` exits its process on its ``call``-th call
+    (from 0) of ``method``, unless ``marker`` exists; it creates ``marker`` first, so its
+    replacement does not exit again (the kill callback of xgboost_ray's tests, as a class).
+
+    Defined inside a function so that Ray pickles it by value: the actor processes cannot
+    import this test module.
+    """
+
+    class ExitingWorker(PanelWorker):
+        def __init__(self, index):
+            super().__init__(index)
+            self.calls = 0
+
+        def _maybe_exit(self, name):
+            if name != method or self.index != worker:
+                return
+            k, self.calls = self.calls, self.calls + 1
+            if k == call and not os.path.exists(marker):
+                Path(marker).write_text(f"worker {self.index} exits in {name} call {k}\n")
+                os._exit(1)  # the process dies mid-call, as a crashed or preempted worker would
+
+        def build(self, *args):
+            self._maybe_exit("build")
+            return super().build(*args)
+
+        def publish(self):
+            self._maybe_exit("publish")
+            return super().publish()
+
+        def round(self, *args):
+            self._maybe_exit("round")
+            return super().round(*args)
+
+        def product(self, *args):
+            self._maybe_exit("product")
+            return super().product(*args)
+
+    return ExitingWorker
+
+
 def test_a_killed_worker_is_replaced_and_the_model_is_unchanged(stores, tmp_path):
     params = dict(rank=5, temperature=0.3, max_iter=2, tol=0.0, memory_budget=BUDGET)
     local = ud.UniCon(**params).fit(stores["plain"])
-    for method, call in (("product", 1), ("round", 2), ("publish", 1)):
+    for method, call in (("product", 1), ("round", 2), ("publish", 1), ("build", 1)):
         marker = tmp_path / f"died-{method}"
-        fail = {"worker": 1, "method": method, "call": call, "marker": str(marker)}
-        with ud.RayExecutor(num_workers=2, num_cpus_per_worker=0.5, _fail=fail) as ex:
+        worker_class = exiting_worker(1, method, call, str(marker))
+        with ud.RayExecutor(num_workers=2, num_cpus_per_worker=0.5, worker_class=worker_class) as ex:
+            pids = {w: ray.get(wk.info.remote())["pid"] for w, wk in enumerate(ex.workers)}
             dist = ud.UniCon(**params).fit(stores["plain"], executor=ex)
+            after = {w: ray.get(wk.info.remote())["pid"] for w, wk in enumerate(ex.workers)}
         assert marker.exists()  # the worker did exit mid-pass
+        assert after[0] == pids[0] and after[1] != pids[1]  # worker 1 runs in a new process
         np.testing.assert_allclose(dist.W_, local.W_, rtol=0, atol=1e-6 * np.abs(local.W_).max())
+
+
+def test_worker_class_must_be_a_panel_worker():
+    with pytest.raises(ValueError, match="worker_class must be PanelWorker"):
+        ud.RayExecutor(worker_class=object)
+
+
+def test_panel_worker_runs_without_ray():
+    """The actor is a plain class: a worker owning every panel is the local operator."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    tensors = [torch.as_tensor(rng.standard_normal((60, d)), dtype=torch.float64) for d in (4, 3, 2, 2)]
+    loader = lambda rows: tuple(t[rows] if isinstance(rows, slice) else t[torch.as_tensor(rows)] for t in tensors)  # noqa: E731
+    from unicon_dist.solver.options import PassOptions
+
+    options = PassOptions(temperature=0.5, dtype=torch.float64, panel_rows=25)
+    worker = PanelWorker(0)
+    keys = ud.CrossProductOperator.from_loader(loader, 60, (4, 3), 2, options=options).panel_keys
+    worker.build(loader, 60, (4, 3), 2, keys, options)
+    first = worker.round("negatives", {})
+    worker.set_stats([first["done"][0]])
+    local = ud.CrossProductOperator.from_loader(loader, 60, (4, 3), 2, options=options)
+    assert worker.op.loss == local.loss
+    assert torch.equal(worker.product(None, None), local.materialize())  # the same operations, in order
 
 
 def test_embedded_ray_listens_on_loopback_only(executors):
@@ -132,8 +196,8 @@ def test_shared_panels_are_read_once_per_iteration(stores, share):
         C = op.materialize()
         info = ray.get([w.info.remote() for w in ex.workers])
     np.testing.assert_allclose(C.numpy(), local.materialize().numpy(), rtol=0, atol=1e-12)
-    panels = len(local._batches[0].panels)
-    owned = [len(s) for s in op._shares]
+    panels = len(local.batches[0].panels)
+    owned = [len(s) for s in op.shares]
     if share:
         assert [i["loads"] for i in info] == owned  # publish read each own panel once
         assert all(i["fetches"] > 0 for i in info)

@@ -185,13 +185,13 @@ def test_extreme_similarities_float32(loss, n, gkind, negatives):
 @pytest.mark.parametrize("dtype, scale", [(torch.float64, 100.0), (torch.float32, 9.0)])
 def test_underflowing_exponentials_equal_dense(dtype, scale):
     """Log-space tiles whose e^{t − max} underflow (t − max down to −4000 in float64, −180 in
-    float32): the exp arguments clamped at ``_exp_floor`` change nothing measurable."""
-    from unicon_dist.solver.operator import _exp_floor
+    float32): the exp arguments clamped at ``exp_floor`` change nothing measurable."""
+    from unicon_dist.math.weights import exp_floor
 
     n, tau = 300, 0.1
     phi_x, phi_y, z_x, z_y = make_problem(n, seed=21, scale=scale)
     t = z_x @ z_y.T / tau
-    assert (t - t.max(1, keepdims=True)).min() < _exp_floor(dtype) - 10  # the clamp is exercised
+    assert (t - t.max(1, keepdims=True)).min() < exp_floor(dtype) - 10  # the clamp is exercised
     groups = make_groups("shuffled", n, seed=2)
     tensors = [torch.as_tensor(a, dtype=dtype) for a in (phi_x, phi_y, z_x, z_y)]
     op = ud.CrossProductOperator(*tensors, loss="clip", temperature=tau, groups=groups, block_rows=37,
@@ -204,12 +204,12 @@ def test_underflowing_exponentials_equal_dense(dtype, scale):
 
 
 def test_logsumexp_of_extreme_and_empty_slices():
-    from unicon_dist.solver.operator import _logsumexp
+    from unicon_dist.math.weights import logsumexp
 
     inf = float("inf")
     t = torch.tensor([[0.0, -1000.0, -inf], [-inf, -inf, -inf], [5.0, 5.0, -3000.0]], dtype=torch.float64)
-    np.testing.assert_array_equal(_logsumexp(t, 1).numpy(), [0.0, -inf, 5.0 + math.log(2.0)])
-    np.testing.assert_array_equal(_logsumexp(t.T.contiguous(), 0).numpy(), [0.0, -inf, 5.0 + math.log(2.0)])
+    np.testing.assert_array_equal(logsumexp(t, 1).numpy(), [0.0, -inf, 5.0 + math.log(2.0)])
+    np.testing.assert_array_equal(logsumexp(t.T.contiguous(), 0).numpy(), [0.0, -inf, 5.0 + math.log(2.0)])
 
 
 # --------------------------------------------------------------------------------------
@@ -423,20 +423,20 @@ def test_panels_equal_dense(loss, n, gkind, negatives, panel_rows, br, bc, scale
     assert rel_err(op.matmul(omega).numpy(), C_ref @ omega) < 1e-9
     omega = np.random.default_rng(1).standard_normal((7, 2))
     assert rel_err(op.rmatmul(omega).numpy(), C_ref.T @ omega) < 1e-9
-    assert len({p for b in op._batches for p in b.panels}) > 1
+    assert len({p for b in op.batches for p in b.panels}) > 1
 
 
 def test_panels_never_split_a_group_and_cover_all_positions():
-    from unicon_dist.solver.operator import _cut_panels
+    from unicon_dist.solver.layout import cut_panels
 
     labels = np.repeat(np.arange(6), [3, 1, 9, 2, 2, 5])
-    panels = _cut_panels(labels, labels.size, 4)
+    panels = cut_panels(labels, labels.size, 4)
     assert panels[0][0] == 0 and panels[-1][1] == labels.size
     assert all(a[1] == b[0] for a, b in zip(panels[:-1], panels[1:]))
     for p0, p1 in panels:
         assert p0 == 0 or labels[p0] != labels[p0 - 1]  # a group starts at every cut
     assert (2, 4) not in panels and (4, 13) in panels  # the group of 9 gets its own panel
-    assert _cut_panels(None, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert cut_panels(None, 10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 
 def test_from_loader_reads_panels_on_demand_and_equals_in_memory():
@@ -457,7 +457,7 @@ def test_from_loader_reads_panels_on_demand_and_equals_in_memory():
     assert max(np.arange(n)[r].size if isinstance(r, slice) else len(r) for r in requested) <= 90
     assert op.loss == pytest.approx(ref.loss, rel=1e-6)
     assert rel_err(op.materialize().numpy(), ref.materialize().numpy()) < 1e-5
-    panels = len(op._batches[0].panels)
+    panels = len(op.batches[0].panels)
     loads = op.n_loads
     op.materialize()
     # each row panel is loaded and every other panel streamed past it; the last row panel is

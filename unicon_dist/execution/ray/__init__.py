@@ -1,5 +1,8 @@
-"""Ray execution: the passes on Ray actors (worker, driver, cluster start-up)."""
+"""Ray execution: the passes on Ray actors (``worker``: the actor, ``driver``: RayExecutor
+and the driver-side operator, ``cluster``: start-up and placement).  Ray itself is
+imported only when an executor starts."""
 
-from .executor import RayExecutor
+from .driver import DistributedOperator, RayExecutor
+from .worker import PanelWorker
 
-__all__ = ["RayExecutor"]
+__all__ = ["RayExecutor", "DistributedOperator", "PanelWorker"]
