@@ -17,7 +17,7 @@ import unicon_dist.solver.fit_paths as fit_paths
 import unicon_dist.solver.fixed_point as fixed_point
 from unicon_dist.math.kernels import RBF, ArcCosine, Laplacian, Polynomial, get_kernel, kernel_from_params
 from unicon_dist.data.store import PairStore
-from unicon_dist.solver.operator import make_batches
+from unicon_dist.solver.layout import make_batches
 
 N, DX, DY = 48, 5, 4
 NO_CONTRAST = "every pair is a positive of every other"

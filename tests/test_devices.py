@@ -140,6 +140,5 @@ def test_tile_plan_by_device():
 def test_operator_uses_the_device_plan(device):
     phi_x, phi_y, zx, zy = _problem(n=300)
     op = ud.CrossProductOperator(phi_x, phi_y, zx, zy, temperature=0.1, device=device, dtype=torch.float32)
-    b = op._batches[0]
-    plan = op._plan(b.n, op.rank + max(op.shape), b.pos)
+    plan = op.tile_plan(0, op.rank + max(op.shape))
     assert plan == ud.plan_tiles(300, op.rank + max(op.shape), device_type=device)

@@ -15,7 +15,7 @@ from unicon_dist.math.nystrom import NystroemMap, spectrum_summary
 
 from _budgets import panel_budget
 from unicon_dist.math.linalg import randomized_svd
-from unicon_dist.solver.operator import statistics_summary
+from unicon_dist.solver.passes import statistics_summary
 
 from _refs import tangent_projection
 

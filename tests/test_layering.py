@@ -196,3 +196,25 @@ def test_import_does_not_load_ray_or_dask():
     code = "import sys, unicon_dist as ud; ud.RayExecutor; print(sorted(m for m in ('ray', 'dask') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_old_flat_paths_are_the_new_modules():
+    code = ("import warnings, unicon_dist as ud\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import unicon_dist.model as old\n"
+            "    from unicon_dist.streamed import weighted_cross_product\n"
+            "import unicon_dist.solver.estimator as new\n"
+            "assert old is new and weighted_cross_product is ud.weighted_cross_product\n"
+            "print(sorted({str(x.message).split()[0] for x in w}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['unicon_dist.model', 'unicon_dist.streamed']", out
+
+
+MAX_LINES = 650  # "no module over ~600 lines" (issue 17), with a little room for docstrings
+
+
+def test_no_module_is_a_monolith():
+    sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    large = {p: n for p, n in sizes.items() if n > MAX_LINES}
+    assert not large, f"modules over {MAX_LINES} lines: {large}"

@@ -169,3 +169,11 @@ def test_panel_plan_scales_with_budget_not_n():
         used = plan.fixed_bytes + plan.panel_rows * (2 * plan.row_bytes + 8 * 512)
         assert used <= 1 << 30
     assert plan_panels(1000, memory_budget=1 << 30, **sizes).panel_rows == 1000
+
+
+def test_an_object_that_is_not_an_executor_is_refused_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+    store = ud.PairStore.create(tmp_path / "p.zarr", 4, 3)
+    store.append(rng.standard_normal((20, 4)), rng.standard_normal((20, 3)))
+    with pytest.raises(TypeError, match="Executor .*got object"):
+        ud.UniCon(rank=2).fit(store, executor=object())

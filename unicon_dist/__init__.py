@@ -17,7 +17,7 @@ from .math.closed_form import closed_form_step, fixed_point_residual, spectral_g
 from .math.linalg import truncated_svd
 from .math.dense import contrastive_loss, similarity_weights
 from .solver.executor import LocalExecutor
-from .execution.ray.executor import RayExecutor
+from .execution.ray import RayExecutor
 from .math.losses import get_loss
 from .math.metrics import retrieval_metrics
 from .math.kernels import get_kernel

@@ -91,7 +91,7 @@ def _load_model(model):
         raise TypeError(f"model must be a fitted model with encode_x and encode_y (or a saved UniCon's path), "
                         f"got {type(model).__name__}")
     # UniCon and the baselines say when they are not fitted; other encoders are taken as they are
-    check_fitted = getattr(model, "_check_fitted", None)
+    check_fitted = getattr(model, "check_fitted", None)
     if check_fitted is not None:
         check_fitted()
     return model

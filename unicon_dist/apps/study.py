@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from ..data.store import PairStore, cast_to_storage
-from ..execution.ray import RayExecutor
+from ..execution.ray import cluster as ray_cluster
 from ..solver.estimator import UniCon
 from ..version import __version__
 from .evaluation import BASELINE, LABEL_EMBEDDINGS, evaluate_arrays, evaluate_store, subset_rows
@@ -169,16 +169,11 @@ def run_point(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- running
 def _start_ray(study: Study) -> bool:
-    """Connect to Ray unless it already is; True when this call started it (and must stop it)."""
-    import ray
+    """Connect to Ray unless it already is; True when this call started it (and must stop it).
 
-    if ray.is_initialized():
-        return False
-    if study.ray_address is None:  # the embedded loopback-only Ray of RayExecutor
-        RayExecutor(num_workers=1, num_cpus_per_worker=study.cpus_per_task)._init_local_ray()
-    else:
-        ray.init(address=study.ray_address, log_to_driver=False)
-    return True
+    Without an address this is the embedded loopback-only Ray that RayExecutor starts.
+    """
+    return ray_cluster.connect(study.ray_address, num_cpus=study.cpus_per_task)
 
 
 def _run_ray(study: Study, specs: list[dict], done) -> None:

@@ -175,7 +175,8 @@ class BaselineEstimator:
                 changed.append(f"{k}={_short(v)}")
         return f"{type(self).__name__}({', '.join(changed)})"
 
-    def _check_fitted(self):
+    def check_fitted(self):
+        """Raise RuntimeError unless the model is fitted (or loaded)."""
         if not hasattr(self, self._fitted_attr):
             raise RuntimeError(f"this {type(self).__name__} model is not fitted yet; call fit() first")
 
@@ -183,7 +184,7 @@ class BaselineEstimator:
         raise NotImplementedError
 
     def _encode(self, A, which: str):
-        self._check_fitted()
+        self.check_fitted()
         name, n_inputs = ("X", self.n_inputs_x_) if which == "x" else ("Y", self.n_inputs_y_)
         was_tensor = isinstance(A, torch.Tensor)
         A = check_matrix(A, name)

@@ -24,7 +24,7 @@ from ..math.nystrom import LANDMARK_METHODS
 from ..math.validation import check_matrix, resolve_device, resolve_dtype
 from .fit_paths import budget_bytes, fit as fit_model, memory_plan as plan_memory
 from .fixed_point import svd_plan
-from .operator import make_batches
+from .layout import make_batches
 from .refit import lineage, refit as refit_version
 from .verify import check_verify
 
@@ -506,12 +506,13 @@ class UniCon:
         return {**{k: params[k] for k in ordered}, **data}
 
     # ------------------------------------------------------------- encoding
-    def _check_fitted(self):
+    def check_fitted(self):
+        """Raise RuntimeError unless the model is fitted (or loaded)."""
         if not hasattr(self, "F1_"):
             raise RuntimeError("this UniCon model is not fitted yet; call fit() or UniCon.load() first")
 
     def _encode(self, A, which: str):
-        self._check_fitted()
+        self.check_fitted()
         F, name, n_inputs, fmap = (
             (self.F1_, "X", self.n_inputs_x_, self.map_x_) if which == "x"
             else (self.F2_, "Y", self.n_inputs_y_, self.map_y_)
@@ -551,7 +552,7 @@ class UniCon:
 
         The format is :mod:`unicon_dist.io.model_files`'s (``"unicon_dist.model/1"``).
         """
-        self._check_fitted()
+        self.check_fitted()
         return save_model(path, self.get_params(), {k: getattr(self, k) for k in FITTED if hasattr(self, k)})
 
     @classmethod

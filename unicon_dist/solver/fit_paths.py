@@ -24,10 +24,12 @@ from ..io.checkpoints import CheckpointRun, array_fingerprint, store_fingerprint
 from ..math.positives import canonical_groups
 from ..math.validation import check_matrix, check_same_rows
 from ..math.whitening import FeatureWhitening
-from .executor import LocalExecutor
+from .executor import Executor, LocalExecutor
 from .feature_maps import MOMENT_ROWS, MapFitter, base_map, carry_encoder, landmark_counts
 from .fixed_point import prepare_estimator, solve_estimator, svd_plan
-from .operator import CrossProductOperator, make_batches
+from .layout import make_batches
+from .operator import CrossProductOperator
+from .options import PassOptions
 from .planning import feature_map_bytes, feature_transform_row_bytes, landmark_selection_bytes, parse_bytes, step_bytes
 from .progress import FIT_LOGGER, LogProgress
 
@@ -130,7 +132,7 @@ def check_negative_pairs(n: int, groups, negatives, batch_split: str, seed: int)
         Group labels (None: one-to-one pairs).
     negatives, batch_split, seed
         As in :class:`~unicon_dist.UniCon`; negatives are drawn within the batches of
-        :func:`unicon_dist.solver.operator.make_batches` only.
+        :func:`unicon_dist.solver.layout.make_batches` only.
 
     Raises
     ------
@@ -291,9 +293,12 @@ def fit_store(model, store, groups, executor, loss_fn, kernels, device, dtype, *
         groups = store.read_groups()
     check_negative_pairs(n, groups, model.negatives, model.batch_split, model.seed)
     executor = LocalExecutor() if executor is None else executor
+    if not isinstance(executor, Executor):
+        raise TypeError(f"executor must follow unicon_dist.solver.executor.Executor (distributed, plan, "
+                        f"cross_product_operator), e.g. LocalExecutor() or RayExecutor(); got {type(executor).__name__}")
     # the driver of a distributed executor (e.g. a CPU-only Ray head) keeps its own
     # state -- feature maps, encoders, W -- on the CPU; ``device`` is where workers compute
-    driver = torch.device("cpu") if getattr(executor, "distributed", False) else device
+    driver = torch.device("cpu") if executor.distributed else device
     fitter = MapFitter.from_estimator(model, restored=None if checkpoint is None else checkpoint.maps)
 
     def read(rows, side):
@@ -343,16 +348,17 @@ def fit_store(model, store, groups, executor, loss_fn, kernels, device, dtype, *
     if model.verbose:
         logger.info("fit from %s: %d pairs in panels of %d rows (%s)", store.path, n, plan.panel_rows, executor)
     similarity, cosine = str(model.similarity), str(model.similarity) == "cosine"
-    options = dict(loss=model.loss_fn_, negatives=model.negatives, batch_split=model.batch_split, groups=groups,
-                   seed=model.seed, norm_bound=(1.0, 1.0) if cosine else None, device=device)
+    options = PassOptions(loss=model.loss_fn_, negatives=model.negatives, batch_split=model.batch_split,
+                          seed=model.seed, norm_bound=(1.0, 1.0) if cosine else None, device=device)
 
     def make_operator(F1, F2):
         # a picklable loader: a Ray worker reopens the store from its path
         loader = StoreRows(str(store.path), model.map_x_, model.map_y_, F1, F2, similarity, dtype, str(device),
                            _store=store)
         return executor.cross_product_operator(
-            loader, n, (mx, my), 1 if F1 is None else int(model.rank), plan=plan, constant=F1 is None,
-            dtype=dtype, progress=LogProgress(logger, rows=n) if model.verbose else None, **options,
+            loader, n, (mx, my), 1 if F1 is None else int(model.rank), plan=plan, groups=groups,
+            options=PassOptions.of(options, constant=F1 is None, dtype=dtype,
+                                   progress=LogProgress(logger, rows=n) if model.verbose else None),
         )
 
     def verifier_operator(F1, F2, precision):
@@ -361,7 +367,7 @@ def fit_store(model, store, groups, executor, loss_fn, kernels, device, dtype, *
                            str(device), _store=store)
         return LocalExecutor().cross_product_operator(
             loader, n, (mx, my), int(model.rank), plan=verify_plan if precision == torch.float64 else plan,
-            dtype=precision, **options,
+            groups=groups, options=PassOptions.of(options, dtype=precision),
         )
 
     return solve_estimator(model, make_operator, driver, init=start, sigma_start=sigma_start, checkpoint=checkpoint,

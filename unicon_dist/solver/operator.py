@@ -35,12 +35,12 @@ from ..math import weights as W
 from ..math.validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 from ..math.losses import ContrastiveLoss, get_loss
 from . import passes
-from .layout import BATCH_SPLITS, Layout, make_batches  # noqa: F401  (make_batches: re-exported, see __all__)
+from .layout import BATCH_SPLITS, Layout
 from .options import PassOptions
 from .panels import PanelSource, Scratch, TensorRows
-from .passes import statistics_summary  # noqa: F401  (re-exported for the old path)
+from .passes import statistics_summary
 
-__all__ = ["CrossProductOperator", "weighted_cross_product", "make_batches"]
+__all__ = ["CrossProductOperator", "weighted_cross_product"]
 
 
 class CrossProductOperator:

@@ -18,6 +18,7 @@ from .executor import LocalExecutor
 from .feature_maps import base_map, landmark_counts
 from .fixed_point import FixedPointOptions, prepare_estimator, step
 from .operator import CrossProductOperator
+from .options import PassOptions
 from .fit_paths import OffsetRows, as_store, fit_store, plan_passes
 
 __all__ = ["refit", "fast_update", "lineage"]
@@ -52,7 +53,7 @@ def lineage(parent: dict | None, model, start: str, seconds: float | None = None
 def refit(model, store=None, *, mode: str = "exact", warm_start: bool = True, refresh_maps: bool = False,
           executor=None):
     """A new version of fitted ``model`` on every row of its grown store (see :meth:`UniCon.refit`)."""
-    model._check_fitted()
+    model.check_fitted()
     data = getattr(model, "data_", None) or {}
     target = store if store is not None else data.get("store")
     store = as_store(target) if target is not None else None
@@ -120,12 +121,12 @@ def fast_update(new, parent_model, store, loss_fn, device, dtype, parent: dict):
                            landmark_counts((new.map_x_, new.map_y_)))
         rows = StoreRows(str(store.path), new.map_x_, new.map_y_, F1, F2, str(new.similarity), dtype,
                          str(device), _store=store)
+        options = PassOptions(loss=loss_fn, negatives=new.negatives, batch_split=new.batch_split, seed=new.seed,
+                              norm_bound=(1.0, 1.0) if new.similarity == "cosine" else None, device=device,
+                              dtype=dtype).with_plan(plan)
         op = CrossProductOperator.from_loader(
             OffsetRows(rows, n_old), n - n_old, (new.n_features_x_, new.n_features_y_), int(new.rank),
-            loss=loss_fn, negatives=new.negatives, batch_split=new.batch_split, seed=new.seed,
-            groups=store.read_groups(slice(n_old, n)) if store.has_groups else None,
-            norm_bound=(1.0, 1.0) if new.similarity == "cosine" else None, memory_budget=plan.tile_budget,
-            panel_rows=plan.panel_rows, device=device, dtype=dtype,
+            groups=store.read_groups(slice(n_old, n)) if store.has_groups else None, options=options,
         )
         C += op.materialize() * (n - n_old)
         loss_new = op.loss

@@ -278,11 +278,6 @@ class RayExecutor:
         self.workers = [self._actor(w) for w in range(self.num_workers)]
         return self
 
-    def _init_local_ray(self) -> None:
-        # kept for unicon_dist/apps/study.py until it calls cluster.start_local_ray itself
-        cluster.start_local_ray(self.num_workers * self.num_cpus_per_worker,
-                                self.num_workers * self.num_gpus_per_worker)
-
     def _actor(self, w: int):
         return cluster.start_actor(remote_worker(self.worker_class), self._pg, w, w,
                                    num_cpus=self.num_cpus_per_worker, num_gpus=self.num_gpus_per_worker)
