@@ -30,7 +30,8 @@ import pytest
 import yaml
 
 import unicon_dist as ud
-from unicon_dist import jobs
+from unicon_dist.apps import job_config, jobs
+from unicon_dist.apps.model_options import model_param_names
 from unicon_dist.apps.cli import build_parser
 from unicon_dist.data.store import PairStore
 
@@ -184,14 +185,14 @@ def test_every_solve_command_in_the_docs_and_configs_parses():
 # ------------------------------------------------------------------------- the cluster job file
 def test_cluster_job_uses_only_keys_that_jobs_accepts():
     raw = cluster_job()
-    assert set(raw) <= set(jobs._TABLES)
-    assert set(raw["data"]) <= set(jobs._DATA_KEYS)
-    assert set(raw["model"]) <= set(jobs._model_param_names())
-    assert set(raw["executor"]) <= set(jobs._EXECUTOR_KEYS)
-    assert set(raw["output"]) <= set(jobs._OUTPUT_KEYS)
+    assert set(raw) <= set(job_config.TABLES)
+    assert set(raw["data"]) <= set(job_config.DATA_KEYS)
+    assert set(raw["model"]) <= set(model_param_names())
+    assert set(raw["executor"]) <= set(job_config.EXECUTOR_KEYS)
+    assert set(raw["output"]) <= set(job_config.OUTPUT_KEYS)
     ex = raw["executor"]
-    assert ex["kind"] in jobs._EXECUTOR_KINDS and ex["kind"] != "local", "a cluster job runs on Ray"
-    assert set(jobs._RAY_KEYS) <= set(ex), "a cluster job sets address, num_workers and num_gpus_per_worker"
+    assert ex["kind"] in job_config.EXECUTOR_KINDS and ex["kind"] != "local", "a cluster job runs on Ray"
+    assert set(job_config.RAY_KEYS) <= set(ex), "a cluster job sets address, num_workers and num_gpus_per_worker"
     assert ex["address"] == "auto"
     if ex["num_gpus_per_worker"] > 0:  # RayExecutor: the actors compute on `device`
         assert str(raw["model"].get("device", "cpu")).startswith("cuda")

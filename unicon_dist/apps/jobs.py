@@ -20,11 +20,8 @@ from ..solver.planning import parse_bytes
 from ..version import __version__
 from .config_checks import StoreInfo
 from .evaluation import evaluate_store
-from .job_config import (
-    DATA_KEYS, EXECUTOR_KEYS, EXECUTOR_KINDS, OUTPUT_KEYS, RAY_KEYS, TABLES, load_job,
-)
+from .job_config import load_job
 from .job_spec import DataSpec, EvaluateSpec, ExecutorSpec, Job, JobError, OutputSpec
-from .model_options import model_param_names
 
 __all__ = [
     "Job",
@@ -42,14 +39,6 @@ __all__ = [
 ]
 
 METRICS_FORMAT = "unicon_dist.metrics/1"  # the "format" of every metrics record run_job writes
-
-# Before issue 17 the schema lived here under private names, and tests/test_cluster.py still
-# reads them as ``jobs._TABLES`` etc.; the public names are in job_config.  Drop these with
-# the old import paths of compat.py.
-_TABLES, _DATA_KEYS, _EXECUTOR_KINDS, _RAY_KEYS, _EXECUTOR_KEYS, _OUTPUT_KEYS = (
-    TABLES, DATA_KEYS, EXECUTOR_KINDS, RAY_KEYS, EXECUTOR_KEYS, OUTPUT_KEYS)
-_model_param_names = model_param_names
-
 
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically, through :func:`unicon_dist.io.artifacts.atomic_write`."""
