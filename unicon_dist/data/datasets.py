@@ -10,7 +10,7 @@ import numpy as np
 __all__ = [
     "load_digits_halves", "load_fashion_mnist_halves", "FASHION_MNIST_CLASSES", "DIGITS_CLASSES",
     "WORDNET_DIR", "WORDNET_POS", "WORDNET_LEXNAMES", "WordNetSynset", "parse_wordnet_line",
-    "iter_wordnet_synsets", "wordnet_definition",
+    "iter_wordnet_synsets", "wordnet_definition", "clustered_pairs",
 ]
 
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
@@ -295,3 +295,27 @@ def wordnet_definition(gloss: str) -> str:
     text = gloss[:match.start()] if match else gloss
     text = text.strip().rstrip(";:,").strip()
     return text or gloss.strip()
+
+
+def clustered_pairs(n: int = 6000, n_centres: int = 20, dim_x: int = 16, dim_y: int = 12, noise: float = 0.5,
+                    seed: int = 0):
+    """Synthetic clustered pairs: x = c + noise, y = tanh(c·A) + noise, c one of ``n_centres`` centres.
+
+    The centres are standard normal in ``dim_x`` dims, A is a Gaussian ``dim_x`` × ``dim_y``
+    map scaled by 1/√dim_x, and both views get independent Gaussian noise of standard
+    deviation ``noise``: within a cluster the pairs cannot be told apart, so instance
+    retrieval tops out near 1/cluster size while the cluster is easy (the set the fixed-point
+    benchmarks and tests of issue 18 use).
+
+    Returns
+    -------
+    X : ndarray (n, dim_x), Y : ndarray (n, dim_y), float32
+    labels : ndarray (n,) of int64, the centre of each pair
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_centres, dim_x))
+    A = rng.standard_normal((dim_x, dim_y)) / np.sqrt(dim_x)
+    labels = rng.integers(0, n_centres, n)
+    X = centres[labels] + noise * rng.standard_normal((n, dim_x))
+    Y = np.tanh(centres[labels] @ A) + noise * rng.standard_normal((n, dim_y))
+    return X.astype(np.float32), Y.astype(np.float32), labels.astype(np.int64)

@@ -6,14 +6,15 @@ reader -- or a resumed fit after a crash -- sees the previous iteration's checkp
 new one, never a torn file.  No pickle.
 
 Header keys: ``format``, ``version``, ``fingerprint`` (what the fit was run on, see
-below), ``iteration`` k (the last completed step), ``finished`` (converged, or k reached
-``max_iter``), ``converged``, ``history``, ``initial_loss``, ``best`` (objective and
-iteration of the lowest-objective iterate so far), ``svd_solver``, ``n_features``,
-``n_inputs`` and ``maps`` (the feature maps, as :func:`unicon_dist.io.model_files.maps_state`
-writes them for a model file).
-Arrays: ``F1``, ``F2``, ``W`` of iteration k (W is the next step's W_prev), ``best_F1``,
-``best_F2``, ``best_W`` when the best iterate is not k, and the maps' landmarks and
-normalisations.
+below), ``iteration`` k (the last point evaluated), ``finished`` (converged, or k reached
+``max_iter``), ``converged``, ``history``, ``initial_loss``, ``best`` (criterion and
+iteration of the iterate kept so far), ``svd_solver``, ``n_features``,
+``n_inputs``, ``maps`` (the feature maps, as :func:`unicon_dist.io.model_files.maps_state`
+writes them for a model file) and ``solver`` (the fixed-point policy's scalars and how
+the next point was made, :class:`unicon_dist.solver.fixed_point.FixedPointState`).
+Arrays: ``F1``, ``F2``, ``W`` of the next point W_{k+1} (of W_k when finished),
+``best_F1``, ``best_F2``, ``best_W`` of the iterate kept, ``solver_*`` (the policy's
+factor history) and the maps' landmarks and normalisations.
 
 The fingerprint is an ordered mapping of named fields: every constructor option except
 ``verbose`` (JSON-normalised as in :meth:`UniCon.save`), then the data -- for a pair store
@@ -302,26 +303,32 @@ class CheckpointRun:
         k = int(h["iteration"])
         F1, F2, W = tensor("F1"), tensor("F2"), tensor("W")
         objective, best_it = float(h["best"]["criterion"]), int(h["best"]["iteration"])
-        if best_it == k:
+        if "best_F1" not in a:  # written before the kept iterate had arrays of its own
             best = (objective, k, F1, F2, W)
         else:
             best = (objective, best_it, tensor("best_F1"), tensor("best_F2"), tensor("best_W"))
         return {"iteration": k, "finished": bool(h["finished"]), "F1": F1, "F2": F2, "W": W, "best": best,
                 "history": [dict(entry) for entry in h["history"]], "converged": bool(h["converged"]),
-                "stop_reason": h.get("stop_reason"), "initial_loss": float(h["initial_loss"])}
+                "stop_reason": h.get("stop_reason"), "initial_loss": float(h["initial_loss"]),
+                "solver": dict(h.get("solver") or {}),
+                "solver_arrays": {k[len("solver_"):]: np.ascontiguousarray(v) for k, v in a.items()
+                                  if k.startswith("solver_")}}
 
     def write(self, iteration: int, F1, F2, W, best, *, finished: bool, converged: bool, history: list,
-              initial_loss: float, stop_reason, svd_solver: str, n_features, n_inputs, maps) -> None:
+              initial_loss: float, stop_reason, svd_solver: str, n_features, n_inputs, maps,
+              solver=({}, {})) -> None:
         """Write the state after ``iteration`` atomically (the previous checkpoint survives a failure).
 
         ``best`` is (criterion, iteration, F1, F2, W) of the kept iterate; ``maps`` the
-        feature maps (map_x, map_y) of the fit.
+        feature maps (map_x, map_y) of the fit; ``solver`` the fixed-point policy's state
+        as (JSON header, arrays), the arrays stored under a ``solver_`` prefix.
         """
         map_specs, arrays = maps_state(*maps)
         arrays.update(F1=F1.cpu().numpy(), F2=F2.cpu().numpy(), W=W.cpu().numpy())
+        arrays.update({f"solver_{k}": v for k, v in solver[1].items()})
         objective, best_it = best[0], best[1]
-        if best_it != iteration:  # the best iterate is stored once when it is the current one
-            arrays.update(best_F1=best[2].cpu().numpy(), best_F2=best[3].cpu().numpy(), best_W=best[4].cpu().numpy())
+        # F1, F2, W are the next point to evaluate, so the kept iterate is always its own arrays
+        arrays.update(best_F1=best[2].cpu().numpy(), best_F2=best[3].cpu().numpy(), best_W=best[4].cpu().numpy())
         header = {
             "version": __version__,
             "fingerprint": normalize(self.fingerprint),
@@ -336,5 +343,6 @@ class CheckpointRun:
             "n_features": list(n_features),
             "n_inputs": list(n_inputs),
             "maps": map_specs,
+            "solver": solver[0],
         }
         write_checkpoint(self.path, header, arrays)

@@ -148,16 +148,27 @@ def spectral_gap(s, rank: int):
     return float(s[rank - 1]) / nxt if nxt > 0 else float("inf")
 
 
-def fixed_point_residual(C, F1, F2, rho: float, factorization: str = "sqrt") -> float:
-    """‖P_T(ρW − C)‖_F / ‖P_T(C)‖_F at W = F1ᵀF2: the stationarity residual of the step.
+def fixed_point_residual(C, F1, F2, rho: float, factorization: str = "sqrt", similarity: str = "dot") -> float:
+    """The certificate of a fixed point of W ↦ [C(W)]_r/ρ at W = F1ᵀF2 (DESIGN §2).
 
-    P_T is the tangent space of the rank-r manifold at W (:func:`tangent_projection`);
-    at a fixed point of W ↦ [C(W)]_r/ρ the tangent part of the gradient ρW − C of
-    R − tr(WᵀC) vanishes.  For the "orthonormal" factorization W has unit singular
-    values by construction, so W is replaced by Q_x(Q_xᵀCQ_y)Q_yᵀ/ρ, its best scaling on
-    its own subspaces: the residual is then ‖(I − Q_xQ_xᵀ)CQ_y‖ and ‖Q_xᵀC(I − Q_yQ_yᵀ)‖
-    together, zero iff W's subspaces are C's leading ones.  Orthonormal bases Q_x, Q_y of
-    W's column and row spaces come from the factors (QR of F1ᵀ, F2ᵀ), not from an SVD of W.
+    With P_T the projection onto the tangent space of the rank-r manifold at W
+    (:func:`tangent_projection`), a fixed point has P_T(C) = ρW: the tangent part of the
+    gradient ρW − C of R − tr(WᵀC) vanishes, a stationary point of L + R for "dot".
+
+    - "sqrt", "dot": ‖P_T(ρW − C)‖_F / ‖P_T(C)‖_F.
+    - "sqrt", "cosine": ‖P_T(C)/‖P_T(C)‖_F − W/‖W‖_F‖_F.  L does not see the scale of W
+      and C(cW) = C(W)/c, so only directions can be compared; this is zero iff
+      P_T(C) = λW with λ > 0, and λ = ρ at the scale c² = λ/ρ that the iteration sets.
+      It lies in [0, 2]; above √2 the tangent part of C points against W (the loss
+      would rather soften the similarities, and no scale makes W a fixed point).
+    - "orthonormal" (either similarity): W = UVᵀ has unit singular values, so its
+      fixed point is W = polar([C]_r): C maps W's row space into its column space and
+      back ((I − UUᵀ)CV = 0, UᵀC(I − VVᵀ) = 0) and the core K = UᵀCV is symmetric
+      positive definite.  The residual is √(‖(I − UUᵀ)CV‖² + ‖UᵀC(I − VVᵀ)‖² +
+      ‖skew K‖² + ‖min(eig sym K, 0)‖²) / ‖P_T(C)‖_F, scale-invariant in C.
+
+    Orthonormal bases of W's column and row spaces come from the factors (QR of F1ᵀ,
+    F2ᵀ), not from an SVD of W.  C may include the ``ridge`` of the step (C + ridge·I).
     """
     C = torch.as_tensor(np.asarray(C) if not isinstance(C, torch.Tensor) else C).double()
     F1 = torch.as_tensor(F1).to(device=C.device, dtype=torch.float64)
@@ -167,12 +178,22 @@ def fixed_point_residual(C, F1, F2, rho: float, factorization: str = "sqrt") -> 
     core = Qx.T @ CQy
     # P_T(Z) = Q_xQ_xᵀZ + ZQ_yQ_yᵀ − Q_xQ_xᵀZQ_yQ_yᵀ, in pieces that never form m×m products twice
     pt_c = Qx @ QxC + (CQy - Qx @ core) @ Qy.T
-    if factorization == "orthonormal":
-        diff = pt_c - Qx @ core @ Qy.T
-    else:
-        diff = pt_c - float(rho) * (F1.T @ F2)  # W lies in its own tangent space
     denom = float(torch.linalg.norm(pt_c))
-    return float(torch.linalg.norm(diff)) / denom if denom > 0 else float("nan")
+    if not denom > 0:
+        return float("nan")
+    if factorization == "orthonormal":
+        # in the bases of F1ᵀ = U and F2ᵀ = V themselves the core is UᵀCV (QR only re-signs them)
+        U, V = F1.T, F2.T
+        K = U.T @ C @ V
+        sym = 0.5 * (K + K.T)
+        negative = torch.clamp(torch.linalg.eigvalsh(sym), max=0.0)
+        off = torch.linalg.norm(pt_c - Qx @ core @ Qy.T) ** 2
+        skew = torch.linalg.norm(0.5 * (K - K.T)) ** 2
+        return float(torch.sqrt(off + skew + torch.sum(negative ** 2))) / denom
+    W = F1.T @ F2
+    if similarity == "cosine":
+        return float(torch.linalg.norm(pt_c / denom - W / torch.linalg.norm(W)))
+    return float(torch.linalg.norm(pt_c - float(rho) * W)) / denom  # W lies in its own tangent space
 
 
 def tangent_projection(W, Z, rank: int):

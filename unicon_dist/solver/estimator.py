@@ -23,6 +23,7 @@ from ..math.losses import get_loss
 from ..math.nystrom import LANDMARK_METHODS
 from ..math.validation import check_matrix, resolve_device, resolve_dtype
 from .fit_paths import budget_bytes, fit as fit_model, memory_plan as plan_memory
+from .anderson import POLICIES
 from .fixed_point import svd_plan
 from .layout import make_batches
 from .refit import lineage, refit as refit_version
@@ -218,15 +219,16 @@ class UniCon:
         temperature: float = 0.1,
         nu: float = 1.0,
         rho: float = 1.0,
-        negatives="full",
+        negatives="auto",
         batch_split: str = "random",
         similarity: str = "cosine",
         factorization: str = "sqrt",
         ridge: float = 0.0,
+        solver: str = "anderson",
         max_iter: int = 30,
-        tol: float = 1e-4,
-        loss_tol: float = 1e-4,
-        damping: float = 0.2,
+        tol: float | None = None,
+        loss_tol: float = 0.0,
+        damping: float = 0.5,
         svd: str = "auto",
         svd_oversampling: int = 10,
         svd_power_iter: int = 2,
@@ -255,6 +257,7 @@ class UniCon:
         self.similarity = similarity
         self.factorization = factorization
         self.ridge = ridge
+        self.solver = solver
         self.max_iter = max_iter
         self.tol = tol
         self.loss_tol = loss_tol
@@ -272,8 +275,8 @@ class UniCon:
     # ------------------------------------------------------------ parameters
     _PARAMS = (
         "rank", "kernel", "kernel_x", "kernel_y", "n_landmarks", "landmarks", "eig_floor", "center", "whiten", "loss",
-        "temperature", "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "max_iter",
-        "tol", "loss_tol", "damping", "svd", "svd_oversampling", "svd_power_iter", "seed", "device", "dtype",
+        "temperature", "nu", "rho", "negatives", "batch_split", "similarity", "factorization", "ridge", "solver",
+        "max_iter", "tol", "loss_tol", "damping", "svd", "svd_oversampling", "svd_power_iter", "seed", "device", "dtype",
         "verify", "memory_budget", "verbose",
     )
 
@@ -342,8 +345,11 @@ class UniCon:
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
+        if self.solver not in POLICIES:
+            raise ValueError(f"solver must be one of {POLICIES}, got {self.solver!r}")
+        if self.tol is not None and not (isinstance(self.tol, (int, float)) and not isinstance(self.tol, bool)
+                                         and math.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be None or a number >= 0, got {self.tol!r}")
         if not (isinstance(self.loss_tol, (int, float)) and not isinstance(self.loss_tol, bool)
                 and math.isfinite(self.loss_tol) and self.loss_tol >= 0):
             raise ValueError(f"loss_tol must be a number >= 0, got {self.loss_tol!r}")

@@ -31,11 +31,12 @@ import torch
 
 from ..math.closed_form import closed_form_step, damped_target, fixed_point_residual, spectral_gap
 from ..math.linalg import randomized_svd
+from .anderson import make_policy
 from .diagnostics import solve_diagnostics
 from .progress import FIT_LOGGER
 from .verify import verify_operator
 
-__all__ = ["EXACT_SVD_MAX", "FixedPointOptions", "FixedPointState", "FixedPointResult", "svd_plan", "step", "ridged",
+__all__ = ["EXACT_SVD_MAX", "FixedPointOptions", "resolve_tol", "FixedPointState", "FixedPointResult", "svd_plan", "step", "ridged",
            "solve", "prepare_estimator", "solve_estimator"]
 
 logger = logging.getLogger(FIT_LOGGER)
@@ -58,10 +59,11 @@ class FixedPointOptions:
     ridge: float = 0.0
     factorization: str = "sqrt"
     similarity: str = "cosine"
-    damping: float = 0.2
+    damping: float = 0.5
     max_iter: int = 30
-    tol: float = 1e-4
-    loss_tol: float = 1e-4
+    tol: float = 1e-5
+    loss_tol: float = 0.0
+    solver: str = "anderson"
     svd_solver: str = "exact"
     matrix_free: bool = False
     svd_oversampling: int = 10
@@ -75,7 +77,8 @@ class FixedPointOptions:
         """The options of a :class:`~unicon_dist.UniCon` whose sizes are set (``svd_solver_``)."""
         return cls(
             rank=int(model.rank), rho=model.rho, ridge=model.ridge, factorization=model.factorization,
-            similarity=str(model.similarity), damping=model.damping, max_iter=int(model.max_iter), tol=model.tol,
+            similarity=str(model.similarity), damping=model.damping, max_iter=int(model.max_iter), tol=resolve_tol(model.tol, model.dtype),
+            solver=model.solver,
             loss_tol=model.loss_tol, svd_solver=model.svd_solver_, matrix_free=model._matrix_free,
             svd_oversampling=int(model.svd_oversampling), svd_power_iter=int(model.svd_power_iter), seed=model.seed,
             verify=model.verify, verbose=bool(model.verbose),
@@ -87,7 +90,10 @@ class FixedPointState:
     """The iteration after step k: what a checkpoint holds and a resumed solve continues from.
 
     ``best`` is (criterion, iteration, F1, F2, W) of the iterate kept so far; ``F1``,
-    ``F2``, ``W`` are those of step k (W is the next step's W_prev).
+    ``F2``, ``W`` are those of W_{k+1}, the next point to evaluate (of W_k when
+    ``finished``); ``solver`` holds ``pending`` (how W_{k+1} was made, its ΔW and the
+    step's σ̄) and ``policy`` (the policy's scalars, :meth:`AndersonSteps.state`), and
+    ``solver_arrays`` the policy's factor arrays.
     """
 
     iteration: int
@@ -100,6 +106,8 @@ class FixedPointState:
     converged: bool
     stop_reason: str | None
     initial_loss: float
+    solver: dict = dataclasses.field(default_factory=dict)
+    solver_arrays: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -123,6 +131,19 @@ class FixedPointResult:
     initial_loss: float
     loss: float
     verification: dict | None = None
+
+
+def resolve_tol(tol, dtype) -> float:
+    """``tol``, or the default of the tile precision: 1e-5 in float32, 1e-7 in float64.
+
+    The residual of a point is computed from C(W), whose float32 tiles carry relative
+    round-off of a few 1e-7 summed over n rows; 1e-5 sits well above that floor
+    (benchmarks/bench_convergence.py reaches it on every data set it runs) and float64
+    tiles resolve two more digits.
+    """
+    if tol is not None:
+        return float(tol)
+    return 1e-7 if str(dtype).replace("torch.", "") == "float64" else 1e-5
 
 
 def svd_plan(svd: str, rank: int, oversampling: int, power_iter: int, mx: int, my: int) -> tuple[str, bool]:
@@ -243,7 +264,8 @@ def step(C, W_prev, damped: bool, sigma_prev, options: FixedPointOptions, *, sca
                     C_est.diagonal().sub_(float(options.ridge) * (1.0 / eta - 1.0))
         else:
             C_est = ridged(C, options.ridge)
-        diag["input_residual"] = fixed_point_residual(C_est, *factors, options.rho, options.factorization)
+        diag["input_residual"] = fixed_point_residual(C_est, *factors, options.rho, options.factorization,
+                                                      options.similarity)
     if damped and options.factorization == "sqrt" and options.similarity == "cosine":
         # L is blind to the scale of W here, and C scales as 1/scale(W): the plain map
         # flips the scale (c -> σ̄(C)/ρ ∝ 1/c) every step.  Its fixed-point scale given
@@ -265,7 +287,13 @@ def ridged(C, ridge: float) -> torch.Tensor:
 
 def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None, resume: FixedPointState = None,
           sigma_start=None, on_step=None, verifier_operator=None, dtype=None) -> FixedPointResult:
-    """Iterate W_k = [C(W_{k−1})]_r/ρ (damped) from s = 0 or ``init``, keeping the best iterate.
+    """Find W = [C(W)]_r/ρ from s = 0 or ``init``, certified by its residual (DESIGN §2).
+
+    Every iteration k evaluates one point W_k: the operator at W_k gives L(W_k) and
+    C(W_k); the damped step :func:`step` at W_k gives the map's value G(W_k) and the
+    certificate of W_k, :func:`unicon_dist.math.closed_form.fixed_point_residual`.  The
+    policy of ``options.solver`` (:mod:`unicon_dist.solver.anderson`) then picks W_{k+1}:
+    G(W_k) ("plain"), or safeguarded Anderson mixing over G ("anderson").
 
     Parameters
     ----------
@@ -277,16 +305,16 @@ def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None
     device : torch.device
         Where W and the factors are kept.
     init : (F1, F2), optional
-        A warm start: the iteration continues from these encoders instead of s = 0.
+        A warm start: W_1 is given by these encoders instead of the step from s = 0.
     resume : FixedPointState, optional
-        Continue after this state's step k (a finished state is only returned).  Every
-        pass being deterministic, the operator rebuilt at F1_k, F2_k is the one the
-        uninterrupted solve built, bit for bit, and so are the steps that follow.
+        Continue after this state's iteration k (a finished state is only returned).  Every
+        pass being deterministic, the operator rebuilt at the saved W_{k+1} is the one the
+        uninterrupted solve built, bit for bit, and the policy's state is restored with it.
     sigma_start : float, optional
         With ``init``: the mean top-r singular value of the step that gave it (the
         orthonormal damping's scale of a matrix-free C).
     on_step : callable, optional
-        ``on_step(state)`` with the :class:`FixedPointState` after every step (a checkpoint).
+        ``on_step(state)`` with the :class:`FixedPointState` after every iteration (a checkpoint).
     verifier_operator : callable, optional
         ``verifier_operator(F1, F2, precision)``: operators of the ``verify`` option at the
         kept encoders, in ``dtype`` (the fit's tile precision) and in float64.
@@ -297,112 +325,117 @@ def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None
 
     Notes
     -----
-    Stopping: "converged" when ‖W_k − W_{k−1}‖_F/‖W_k‖_F < ``tol``; "loss plateau" when
-    the criterion (L for cosine similarity, L + (ρ/2)‖W‖² for "dot") decreased by less
-    than ``loss_tol`` times its value; "max_iter".  The iterate kept is the fixed point
-    when converged, else the one with the lowest criterion.
+    Stopping: "converged" when the residual of W_k is at most ``tol`` (W_k is then the
+    encoders kept); "loss plateau", only with ``loss_tol`` > 0, when the criterion (L for
+    cosine similarity, L + (ρ/2)‖W‖² for "dot") decreased by less than ``loss_tol``
+    times its value; "max_iter".  Without convergence the iterate kept is the one of
+    lowest criterion, and a warning says its residual.
     """
     mx, my = shape
-    start, finished, op, F1, F2 = 1, False, None, None, None
+    matrix_free = options.matrix_free
     if resume is not None:
         history, converged, stop_reason = resume.history, resume.converged, resume.stop_reason
-        initial_loss, best = resume.initial_loss, resume.best
-        k, finished, F1, F2, W_prev = resume.iteration, resume.finished, resume.F1, resume.F2, resume.W
-        start, delta = k + 1, history[-1]["delta_w"]
-        if not finished:
-            op = make_operator(F1, F2)
+        initial_loss, best, start, finished = resume.initial_loss, resume.best, resume.iteration + 1, resume.finished
+        F1, F2 = resume.F1, resume.F2
+        pending = dict(resume.solver["pending"])
+        policy = make_policy(options.solver, (resume.solver["policy"], resume.solver_arrays), device)
     else:
-        history, converged, stop_reason = [], False, None
-        W_prev = torch.zeros((mx, my), dtype=torch.float64, device=device)
-        best = None  # (criterion, iteration, F1, F2, W)
+        history, converged, stop_reason, best, start, finished = [], False, None, None, 1, False
+        policy = make_policy(options.solver)
         if init is None:
             op = make_operator(None, None)
+            initial_loss = op.loss
+            C = op if matrix_free else op.materialize()
+            zero = torch.zeros((mx, my), dtype=torch.float64, device=device)
+            F1, F2, sigma, _ = step(C, zero, False, None, options)
+            op.release()
+            op = C = None
+            pending = {"step": "first step (s = 0)", "delta_w": 1.0, "sigma_prev": sigma}
         else:  # a warm start: the fixed point continues from given encoders
             F1, F2 = (torch.as_tensor(F, device=device).contiguous() for F in init)
-            W_prev = (F1.T @ F2).to(torch.float64)
-            op = make_operator(F1, F2)
-        initial_loss = op.loss
+            initial_loss = None  # L at the warm start: that of its evaluation
+            pending = {"step": "warm start", "delta_w": None, "sigma_prev": sigma_start}
+        F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
     best_C = None
-    # mean top-r singular value of the last step's SVD (the orthonormal damping's scale)
-    sigma_prev = history[-1].get("sigma_mean") if history else None
-    if sigma_prev is None and init is not None:
-        sigma_prev = sigma_start
-    matrix_free = options.matrix_free
     stop = start if finished else int(options.max_iter) + 1
     for it in range(start, stop):
         t0 = time.perf_counter()
-        before = _phase_seconds(op)
+        op = make_operator(F1, F2)
+        built = _phase_seconds(op)
+        if initial_loss is None:
+            initial_loss = op.loss
+        W = F1.T.to(torch.float64) @ F2.to(torch.float64)
         C = op if matrix_free else op.materialize()
         t_svd = time.perf_counter()
-        damped = options.damping < 1 and (it > 1 or init is not None)
         stats = getattr(op, "statistics", None) or {}
-        F1, F2, sigma_prev, step_diag = step(C, W_prev, damped, sigma_prev, options,
-                                             scale_known=it > 2 or init is not None, factors=(F1, F2))
-        # contiguous, like the arrays a resumed fit reads back, so that both multiply
-        # the same memory layouts (BLAS results can depend on them)
-        F1, F2 = F1.to(device).contiguous(), F2.to(device).contiguous()
-        W = F1.T @ F2
-        delta = float(torch.linalg.norm(W - W_prev) / torch.linalg.norm(W).clamp_min(1e-300))
+        # the damped map's value at W_k, and the certificate of W_k
+        G1, G2, sigma, step_diag = step(C, W, options.damping < 1, pending["sigma_prev"], options,
+                                        scale_known=it > 1 or init is not None,
+                                        factors=(F1, F2))
+        G1, G2 = G1.to(device).contiguous(), G2.to(device).contiguous()
+        residual = step_diag["input_residual"]
         t_svd = time.perf_counter() - t_svd
-        after = _phase_seconds(op)
-        # the next step's statistics give L at W_k (pass 1 only when this is the last step)
-        op.release()
-        # drop the old operator (and, matrix-free, C, which is that operator) before
-        # building the next: its loader holds n-row embeddings, and two alive at once
-        # double the working memory
-        C = None if matrix_free else C
-        op = None
-        op = make_operator(F1, F2)
-        phases = _phases(before, after, _phase_seconds(op), t_svd, matrix_free)
-        objective = op.loss + 0.5 * options.rho * float(torch.linalg.norm(W) ** 2)
+        phases = _phases(built, _phase_seconds(op), built, t_svd, matrix_free)
+        loss = op.loss
+        objective = loss + 0.5 * options.rho * float(torch.linalg.norm(W) ** 2)
         # with cosine similarity L does not see the scale of W, which R alone sets: iterates
         # are compared by L; with "dot" by the objective L + R
-        criterion = op.loss if options.similarity == "cosine" else objective
-        seconds = time.perf_counter() - t0
-        history.append(
-            {"iteration": it, "loss": op.loss, "objective": objective, "delta_w": delta, "seconds": seconds,
-             "phases": phases, "sigma_mean": sigma_prev, **step_diag,
-             "lse_min": stats.get("lse_min"), "lse_max": stats.get("lse_max"),
-             "log_space_batches": stats.get("log_space_batches")}
-        )
-        if options.verbose:
-            logger.info("iteration %d: loss %.6g, delta_w %.3e, %.2fs (%s)", it, op.loss, delta, seconds,
-                        ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
-        W_prev = W
-        converged = delta < options.tol
-        previous = history[-2]["criterion"] if len(history) > 1 else None
-        history[-1]["criterion"] = criterion
+        criterion = loss if options.similarity == "cosine" else objective
+        converged = residual is not None and residual <= options.tol
+        previous = history[-1]["criterion"] if history else None
         plateau = (not converged and previous is not None and options.loss_tol > 0
                    and previous - criterion < options.loss_tol * abs(criterion))
         stop_reason = ("converged" if converged else "loss plateau" if plateau
                        else "max_iter" if it == int(options.max_iter) else None)
-        # a converged fit keeps its fixed point (a stationary point of L + R), even when an
-        # earlier iterate on the way had a slightly lower objective
+        accepted = True
+        if stop_reason is None:
+            N1, N2, how, accepted = policy.propose((F1, F2), (G1, G2), residual, criterion, options)
+            N1, N2 = N1.to(device).contiguous(), N2.to(device).contiguous()
+            W_next = N1.T.to(torch.float64) @ N2.to(torch.float64)
+            delta_next = float(torch.linalg.norm(W_next - W) / torch.linalg.norm(W_next).clamp_min(1e-300))
+        seconds = time.perf_counter() - t0
+        history.append(
+            {"iteration": it, "loss": loss, "objective": objective, "criterion": criterion, "residual": residual,
+             "delta_w": pending["delta_w"], "step": pending["step"], "accepted": accepted, "seconds": seconds,
+             "phases": phases, "sigma_mean": sigma, **step_diag,
+             "lse_min": stats.get("lse_min"), "lse_max": stats.get("lse_max"),
+             "log_space_batches": stats.get("log_space_batches")}
+        )
+        if options.verbose:
+            logger.info("iteration %d: loss %.6g, residual %.3e (%s), %.2fs (%s)", it, loss, residual, pending["step"],
+                        seconds, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
+        # a converged fit keeps its certified fixed point, even when an iterate on the way
+        # had a slightly lower criterion
         if best is None or criterion < best[0] or converged:
             best = (criterion, it, F1, F2, W)
             best_C = None if matrix_free else C  # what a fast update folds new rows into
+        op.release()
+        op = C = None
+        if stop_reason is None:
+            pending = {"step": how, "delta_w": delta_next, "sigma_prev": sigma}
+            F1, F2 = N1, N2
         if on_step is not None:
-            on_step(FixedPointState(it, stop_reason is not None, F1, F2, W, best, history, converged, stop_reason,
-                                    initial_loss))
+            header, arrays = policy.state()
+            on_step(FixedPointState(it, stop_reason is not None, F1, F2, F1.T.to(torch.float64) @ F2.to(torch.float64),
+                                    best, history, converged, stop_reason, initial_loss,
+                                    solver={"pending": pending, "policy": header}, solver_arrays=arrays))
         if stop_reason is not None:
             break
-    if op is not None:
-        op.release()
     n_iter = len(history)
-    # The fixed-point map need not contract (small τ with cosine similarity can
-    # oscillate), so without convergence the encoders kept are those of the iterate
-    # with the lowest L (cosine) or L + R (dot); with convergence, the fixed point.
     _, best_iteration, F1, F2, W = best
     loss = history[best_iteration - 1]["loss"]
+    last = history[-1]
     if stop_reason == "loss plateau":
         logger.info("UniCon stopped after %d iterations: the loss decreased by less than loss_tol=%.3g "
-                    "(delta_w %.3g); keeping iteration %d, the lowest loss", n_iter, options.loss_tol, delta,
-                    best_iteration)
+                    "(residual %.3g); keeping iteration %d, the lowest loss", n_iter, options.loss_tol,
+                    last["residual"], best_iteration)
     elif not converged:
         logger.warning(
-            "UniCon did not converge in %d iterations (last delta_w %.3g > tol %.3g); keeping iteration %d, "
-            "the lowest %s", n_iter, delta, options.tol, best_iteration,
-            "loss" if options.similarity == "cosine" else "objective",
+            "UniCon did not converge in %d iterations (last residual %.3g > tol %.3g, lowest %.3g); keeping "
+            "iteration %d, the lowest %s (residual %.3g)%s", n_iter, last["residual"], options.tol,
+            min(h["residual"] for h in history), best_iteration,
+            "loss" if options.similarity == "cosine" else "objective", history[best_iteration - 1]["residual"],
+            _no_fixed_point_hint(history, options),
         )
     verification = None
     if options.verify is not None and verifier_operator is not None:
@@ -413,6 +446,16 @@ def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None
         reference.release()
     return FixedPointResult(F1, F2, W, best_C, history, n_iter, best_iteration, converged, stop_reason,
                             initial_loss, loss, verification)
+
+
+def _no_fixed_point_hint(history, options) -> str:
+    """Why a cosine fit may have no fixed point, when its residuals say so."""
+    if options.similarity == "cosine" and options.factorization == "sqrt" and \
+            min(h["residual"] for h in history) > math.sqrt(2):
+        return ("; every residual is above √2: the tangent part of C points against W, i.e. the loss at this "
+                "temperature prefers softer similarities than the data allow, and no scale of W is a fixed "
+                "point (a larger temperature has one)")
+    return ""
 
 
 # ------------------------------------------------------------ the estimator's binding
@@ -450,7 +493,7 @@ def solve_estimator(model, make_operator, device, *, init=None, sigma_start=None
                              converged=state.converged, history=state.history, initial_loss=state.initial_loss,
                              stop_reason=state.stop_reason, svd_solver=model.svd_solver_,
                              n_features=[mx, my], n_inputs=[model.n_inputs_x_, model.n_inputs_y_],
-                             maps=(model.map_x_, model.map_y_))
+                             maps=(model.map_x_, model.map_y_), solver=(state.solver, state.solver_arrays))
 
     result = solve(make_operator, (mx, my), options, device, init=init, resume=resume, sigma_start=sigma_start,
                    on_step=on_step, verifier_operator=verifier_operator, dtype=dtype)

@@ -19,13 +19,30 @@ import numpy as np
 
 from ..math.positives import Positives, canonical_groups
 
-__all__ = ["BATCH_SPLITS", "make_batches", "cut_panels", "Batch", "Layout", "assign_panels", "shared_batches"]
+__all__ = ["AUTO_BATCH", "AUTO_FULL_ROWS", "BATCH_SPLITS", "resolve_negatives", "make_batches", "cut_panels", "Batch", "Layout", "assign_panels", "shared_batches"]
 
 BATCH_SPLITS = ("random", "contiguous")
 
 
+# negatives="auto": full negatives up to AUTO_FULL_ROWS pairs, batches of AUTO_BATCH above.
+# A full pass costs n/B batched passes, so full negatives stay within 4 batched passes;
+# B = 2048 kept the retrieval of full negatives on Fashion-MNIST and WordNet at a
+# fraction of the time (benchmarks/bench_negatives.py, RESULTS §12).
+AUTO_BATCH = 2048
+AUTO_FULL_ROWS = 4 * AUTO_BATCH
+
+
+def resolve_negatives(n: int, negatives):
+    """``negatives`` with "auto" resolved for n pairs: "full" up to :data:`AUTO_FULL_ROWS`, else :data:`AUTO_BATCH`."""
+    if isinstance(negatives, str) and negatives == "auto":
+        return "full" if n <= AUTO_FULL_ROWS else AUTO_BATCH
+    return negatives
+
+
 def make_batches(n: int, negatives, seed: int = 0, split: str = "random") -> list[np.ndarray] | None:
     """Row batches for ``negatives``: None for "full", else a split into batches of B rows.
+
+    "auto" is resolved first (:func:`resolve_negatives`).
 
     ``split="random"``: the rows are permuted with ``np.random.default_rng(seed).permutation(n)``
     and cut into consecutive batches of ``negatives`` rows (the last may be smaller).
@@ -33,17 +50,18 @@ def make_batches(n: int, negatives, seed: int = 0, split: str = "random") -> lis
     (e.g. shuffled at ingest); read from a store, each batch is then a run of rows instead
     of rows spread over every chunk.
 
-    ``negatives`` is "full" or an integer >= 2 (a ValueError otherwise); a last batch of
+    ``negatives`` is "full", "auto" or an integer >= 2 (a ValueError otherwise); a last batch of
     one row, left when B does not divide n, is kept and contributes no negatives.
     """
     if split not in BATCH_SPLITS:
         raise ValueError(f"batch_split must be one of {BATCH_SPLITS}, got {split!r}")
+    negatives = resolve_negatives(n, negatives)
     if isinstance(negatives, str):
         if negatives != "full":
-            raise ValueError(f"negatives must be 'full' or a positive batch size, got {negatives!r}")
+            raise ValueError(f"negatives must be 'full', 'auto' or a positive batch size, got {negatives!r}")
         return None
     if isinstance(negatives, (bool, np.bool_)) or not isinstance(negatives, (int, np.integer)):
-        raise ValueError(f"negatives must be 'full' or a positive batch size, got {negatives!r}")
+        raise ValueError(f"negatives must be 'full', 'auto' or a positive batch size, got {negatives!r}")
     if negatives <= 0:
         raise ValueError(f"negatives batch size must be positive, got {negatives}")
     if negatives == 1:
