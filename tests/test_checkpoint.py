@@ -36,6 +36,8 @@ NYSTROEM = dict(PAPER, rank=3, kernel="rbf", n_landmarks=30, svd="randomized", t
 # Centred, whitened features and damped (shifted) orthonormal steps.
 # (the library's defaults otherwise)
 WHITENED = dict(rank=3, whiten=1e-2, temperature=0.2, max_iter=5, tol=0.0, loss_tol=0.0)
+# The library's solver: Anderson mixing, interrupted with a secant history to carry over.
+ACCELERATED = dict(rank=3, temperature=0.5, max_iter=10, tol=0.0)
 
 
 def make_data(n=150, seed=0):
@@ -70,13 +72,14 @@ class Interrupt(Exception):
 
 
 def interrupt_after(mp, k):
-    """closed_form_step raises on its (k+1)-th call: the driver dies after checkpoint k is written."""
+    """closed_form_step raises on its (k+2)-th call (the s = 0 step, then one per iteration):
+    the driver dies after checkpoint k is written."""
     step = fixed_point.closed_form_step
     calls = []
 
     def dying_step(*args, **kwargs):
         calls.append(1)
-        if len(calls) > k:
+        if len(calls) > k + 1:
             raise Interrupt(f"killed during iteration {k + 1}")
         return step(*args, **kwargs)
 
@@ -121,8 +124,9 @@ def assert_same_model(resumed, reference):
 
 
 # --------------------------------------------------------------------------- in memory
-@pytest.mark.parametrize("options, k", [(OSCILLATING, 2), (CONVERGING, 2), (NYSTROEM, 3), (WHITENED, 2)],
-                         ids=["oscillating", "converging", "nystroem", "whitened"])
+@pytest.mark.parametrize("options, k", [(OSCILLATING, 2), (CONVERGING, 2), (NYSTROEM, 3), (WHITENED, 2),
+                                        (ACCELERATED, 5)],
+                         ids=["oscillating", "converging", "nystroem", "whitened", "accelerated"])
 def test_resume_arrays_equals_uninterrupted(tmp_path, monkeypatch, data, options, k):
     X, Y = data
     groups = np.arange(len(X)) // 3
@@ -137,7 +141,10 @@ def test_resume_arrays_equals_uninterrupted(tmp_path, monkeypatch, data, options
     assert [h["loss"] for h in header["history"]] == [h["loss"] for h in reference.history_[:k]]
     assert header["fingerprint"]["temperature"] == options["temperature"]
     assert header["fingerprint"]["X"] == array_digest(torch.as_tensor(X))
-    assert ("best_F1" in arrays) == (header["best"]["iteration"] != k)
+    assert "best_F1" in arrays and "solver" in header  # the kept iterate, and the policy's state
+    if options.get("solver", "anderson") == "anderson":
+        assert header["solver"]["policy"]["n_points"] > 1 and any(k.startswith("solver_") for k in arrays)
+        assert any(h["step"].startswith("anderson(") for h in reference.history_[k:])
 
     with monkeypatch.context() as mp:
         steps = count_steps(mp)

@@ -81,3 +81,32 @@ def test_ownership():
 def test_panel_rows_must_be_positive():
     with pytest.raises(ValueError, match="panel_rows must be a positive integer"):
         Layout.build(10, panel_rows=0)
+
+
+def test_auto_negatives_are_full_up_to_the_threshold_and_batches_above():
+    from unicon_dist.solver.layout import AUTO_BATCH, AUTO_FULL_ROWS, resolve_negatives
+
+    assert resolve_negatives(AUTO_FULL_ROWS, "auto") == "full" and make_batches(AUTO_FULL_ROWS, "auto") is None
+    assert resolve_negatives(AUTO_FULL_ROWS + 1, "auto") == AUTO_BATCH
+    batches = make_batches(AUTO_FULL_ROWS + 1, "auto", seed=3)
+    assert [len(b) for b in batches[:-1]] == [AUTO_BATCH] * (len(batches) - 1)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, make_batches(AUTO_FULL_ROWS + 1, AUTO_BATCH, seed=3)))
+    assert resolve_negatives(10, 512) == 512 and resolve_negatives(10, "full") == "full"
+
+
+@pytest.mark.parametrize("n, same_as", [(2000, "full"), (8200, 2048)])
+def test_a_fit_with_auto_negatives_is_the_fit_with_what_auto_picks(n, same_as):
+    """One statistics and product pass each (max_iter=1): the losses are those of the
+    explicit choice, bit for bit, and differ from the other choice's."""
+    import unicon_dist as ud
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, 4)).astype(np.float32)
+    Y = (X @ rng.standard_normal((4, 3)) + rng.standard_normal((n, 3))).astype(np.float32)
+
+    def losses(negatives):
+        model = ud.UniCon(rank=2, negatives=negatives, max_iter=1).fit(X, Y)
+        return [model.initial_loss_] + [h["loss"] for h in model.history_]
+
+    other = 512 if same_as == "full" else "full"  # (a batch of 2048 ≥ n would be all rows)
+    assert losses("auto") == losses(same_as) != losses(other)

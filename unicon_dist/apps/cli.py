@@ -87,12 +87,12 @@ def cmd_demo(args) -> int:
     model.fit(xl, xr)
     t_fit = time.perf_counter() - t0
     print(f"\nUniCon rank {rank}, {args.kernel} kernel, CLIP loss, temperature {temperature}; "
-          "iterations (loss at W_k, relative change of W):")
+          "iterations (loss and fixed-point residual at W_k, and how W_k was made):")
     for h in model.history_:
-        print(f"  {h['iteration']:>3}  loss {h['loss']:.5f}"
-              f"  delta_w {h['delta_w']:.2e}  {h['seconds']:.3f}s")
+        print(f"  {h['iteration']:>3}  loss {h['loss']:.5f}  residual {h['residual']:.2e}"
+              f"  {h['seconds']:.3f}s  {h['step']}")
     print(f"  stopped: {model.stop_reason_}; kept iteration {model.best_iteration_}"
-          f"{'' if model.converged_ else ' (lowest loss)'}")
+          f"{f' (residual <= tol = {model.tol_:.0e})' if model.converged_ else ' (lowest loss)'}")
 
     t0 = time.perf_counter()
     result = evaluate_arrays(model, tl, tr, labels=test_labels, label_names=classes, max_rows=args.max_rows,

@@ -113,8 +113,8 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
     timings["fit"] = time.perf_counter() - t0
     for h in model.history_:
         echo(f"  iteration {h['iteration']:>3}  loss {h['loss']:.5f}  objective {h['objective']:.5f}  "
-             f"delta_w {h['delta_w']:.2e}  gap {_num(h.get('spectral_gap'))}  "
-             f"residual {_num(h.get('input_residual'))}  {h['seconds']:.2f}s")
+             f"residual {_num(h.get('residual'))}  delta_w {_num(h.get('delta_w'))}  "
+             f"gap {_num(h.get('spectral_gap'))}  {h['seconds']:.2f}s  {h.get('step', '')}")
     kept = "the fixed point" if model.converged_ else (
         "lowest loss" if model.similarity == "cosine" else "lowest objective")
     echo(f"  stopped ({model.stop_reason_}) after {model.n_iter_} iterations in {timings['fit']:.1f}s; "

@@ -13,7 +13,7 @@ from .linalg import fix_signs, randomized_svd, truncated_svd
 from .operators import Mixed, Shifted, is_operator
 
 __all__ = ["truncated_svd", "closed_form_step", "damped_target", "tangent_projection", "spectral_gap",
-           "fixed_point_residual", "FACTORIZATIONS"]
+           "fixed_point_residual", "map_residual", "FACTORIZATIONS"]
 
 FACTORIZATIONS = ("orthonormal", "sqrt")
 
@@ -194,6 +194,30 @@ def fixed_point_residual(C, F1, F2, rho: float, factorization: str = "sqrt", sim
     if similarity == "cosine":
         return float(torch.linalg.norm(pt_c / denom - W / torch.linalg.norm(W)))
     return float(torch.linalg.norm(pt_c - float(rho) * W)) / denom  # W lies in its own tangent space
+
+
+def map_residual(C, F1, F2, rho: float, factorization: str = "sqrt", similarity: str = "dot") -> float:
+    """‖N(T(W)) − N(W)‖_F / ‖N(T(W))‖_F: how far W = F1ᵀF2 is from a fixed point of the plain map.
+
+    T(W) is the undamped step at W, built from the leading r singular triplets of C
+    ([C]_r/ρ for "sqrt", their polar factor U_rV_rᵀ for "orthonormal"); N divides by the
+    Frobenius norm where L is blind to the scale of W ("sqrt" with cosine similarity).
+    Zero at a fixed point of T.  :func:`fixed_point_residual` vanishes at every stationary
+    point (P_T(C) = ρW), which the damped map converges to; this one vanishes only where
+    W's subspaces are also C's *leading* ones (in SCF terms, the aufbau solution).  It needs
+    the full SVD of C (exact C only).
+    """
+    C = torch.as_tensor(np.asarray(C) if not isinstance(C, torch.Tensor) else C).double()
+    F1 = torch.as_tensor(F1).to(device=C.device, dtype=torch.float64)
+    F2 = torch.as_tensor(F2).to(device=C.device, dtype=torch.float64)
+    U, s, Vh = truncated_svd(C, F1.shape[0])
+    T = (U * (s if factorization == "sqrt" else torch.ones_like(s))) @ Vh
+    W = F1.T @ F2
+    if factorization == "sqrt" and similarity == "cosine":
+        T, W = T / torch.linalg.norm(T), W / torch.linalg.norm(W)
+    elif factorization == "sqrt":
+        T = T / float(rho)
+    return float(torch.linalg.norm(T - W) / torch.linalg.norm(T))
 
 
 def tangent_projection(W, Z, rank: int):

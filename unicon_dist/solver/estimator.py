@@ -41,15 +41,20 @@ class UniCon:
     Encoders f(x) = F1 φ_x(x) and g(y) = F2 φ_y(y) in R^r are found by a fixed
     point: with the similarities s of the current encoders, S(γ) = −∂L/∂s is fixed
     and the best rank-r map is W = F1ᵀF2 = [Φ_Xᵀ S Φ_Y]_r / ρ (a truncated SVD); the
-    similarities are then recomputed, until the relative change of W is below
-    ``tol``.  The first step starts from s = 0.  S(γ) is never formed: Φ_Xᵀ S Φ_Y is
-    streamed in tiles (:class:`unicon_dist.CrossProductOperator`).
+    similarities are then recomputed, until W is a certified fixed point: its residual
+    (:func:`unicon_dist.math.closed_form.fixed_point_residual`, zero iff the tangent part
+    of C at W is ρW, scale-free for cosine similarity) is at most ``tol``.  The first step
+    starts from s = 0.  S(γ) is never formed: Φ_Xᵀ S Φ_Y is streamed in tiles
+    (:class:`unicon_dist.CrossProductOperator`).
 
-    The defaults are those measured best on real pairs (``benchmarks/bench_compare.py``,
-    RESULTS §7): centred and ridge-whitened views (``whiten=1e-3``; the first step is
-    then regularised CCA), τ = 0.1, the "sqrt" factorization and damped steps
-    (η = 0.2) that stop at a loss plateau.  The paper's plain map (``damping=1``,
-    ``factorization="orthonormal"``, raw features) oscillates on such data.
+    The defaults: centred and ridge-whitened views (``whiten=1e-3``; the first step is
+    then regularised CCA), τ = 0.1, the "sqrt" factorization, and safeguarded Anderson
+    mixing over the damped map (``solver="anderson"``, η = 0.5; see
+    :mod:`unicon_dist.solver.anderson`), which reaches fixed points the paper's plain map
+    (``solver="plain"``, ``damping=1``) cycles around.  With cosine similarity a fixed
+    point exists only where the loss at τ still gains from sharper similarities: on
+    poorly aligned data at small τ every residual stays above √2 and the fit ends at
+    ``max_iter`` with a warning that says so (a larger τ has one).
 
     Parameters
     ----------
@@ -84,9 +89,12 @@ class UniCon:
         Weight ν of the positive inside ψ.
     rho : float
         Weight of the regulariser (ρ/2)‖W‖²_F; W* = [C]_r / ρ.
-    negatives : "full" or int
+    negatives : "auto", "full" or int
         All n² pairs, or a seeded split into batches of this size (one global SVD of
-        the block-diagonal problem).
+        the block-diagonal problem).  "auto": full negatives up to 8,192 pairs (a full
+        pass then costs at most 4 batched ones), batches of 2,048 above
+        (:func:`unicon_dist.solver.layout.resolve_negatives`; the measurement is
+        RESULTS §12).
     batch_split : {"random", "contiguous"}
         How ``negatives=B`` forms its batches: a seeded random permutation of the rows,
         or runs of consecutive rows (for rows stored in random order).  From a store,
@@ -101,24 +109,34 @@ class UniCon:
         direction by √σ and measured better than "orthonormal" (equal weights).
     ridge : float
         Tikhonov term on the leading diagonal of C before the SVD.
+    solver : {"anderson", "plain"}
+        How the next iterate is chosen.  "plain": the damped map itself, W_{k+1} =
+        G(W_k) (the paper's map when ``damping=1``; for reproductions).  "anderson":
+        type-II Anderson mixing of the last 8 iterates of G, safeguarded by the residual
+        (an extrapolation whose residual exceeds twice the lowest accepted one, or for
+        "dot" whose L + R rises, is rejected and the damped map taken from the last
+        accepted point with a halved step; see :mod:`unicon_dist.solver.anderson`).
     max_iter : int
-        Maximum number of closed-form steps.
-    tol : float
-        Stop when ‖W_k − W_{k−1}‖_F / ‖W_k‖_F < tol (a fixed point: ``converged_``).
+        Maximum number of iterations (points evaluated, each one statistics pass, one
+        product pass and one SVD), after the first step from s = 0.
+    tol : float or None
+        Stop when the residual of the current iterate is at most ``tol``
+        (``converged_``).  None: 1e-5 with float32 tiles, 1e-7 with float64 (the
+        resolved value is ``tol_``).
     loss_tol : float
         Also stop when the loss (cosine; the objective L + R for "dot") decreased by
-        less than ``loss_tol`` times its value in the last step (``stop_reason_`` "loss
-        plateau"; 0 never stops there).  With cosine similarity the fixed point of the
-        linearised map is not exactly the minimum of L, and the damped iteration
-        approaches it slowly after passing the loss minimum.
+        less than ``loss_tol`` times its value in the last iteration (``stop_reason_``
+        "loss plateau"); 0 (the default) never stops there.
     damping : float
         η in (0, 1]: each step factors M_k = η C_k + (1 − η) a W_{k−1} instead of C_k.
         With cosine similarity (or the orthonormal factorization) a puts W_{k−1} on the
         scale of C_k's top-r singular values, so that only directions are averaged; with
         "dot" and "sqrt", a = ρ: a projected gradient step of length η/ρ on L + R (see
-        :func:`unicon_dist.math.closed_form.damped_target`).  1 is the plain fixed point;
-        η < 1 has the same fixed points and stops the 2-cycles the plain map falls into
-        at small τ with cosine similarity.
+        :func:`unicon_dist.math.closed_form.damped_target`).  1 is the plain map; η < 1
+        (a level shift, in SCF terms) keeps every fixed point of the plain map and
+        converges to stationary points (P_T(C) = ρW) the plain map cycles around, also
+        where W's subspaces are not C's leading ones (``history_[k]["map_residual"]``
+        says how far from the plain map's fixed point).
     svd : {"auto", "exact", "randomized"}
         Solver of the rank-r step.  "auto": LAPACK when the smaller feature side has at
         most 1024 features, else the randomized SVD (Halko et al., 2011), run on the
@@ -158,15 +176,17 @@ class UniCon:
     W_ : ndarray of shape (m_x, m_y)
         F1_ᵀ F2_, the bilinear map of the similarity (float64).
     history_ : list of dict
-        Per iteration k: "iteration", "loss" (L at W_k), "objective" (L + (ρ/2)‖W_k‖²),
-        "delta_w" (‖W_k − W_{k−1}‖/‖W_k‖), "seconds" and "phases" (seconds per pass),
-        and the step's numerics: "spectral_gap" (σ_r/σ_{r+1} of C, or of the damped
-        target's sketch when C is matrix-free: "spectral_gap_of"), "svd_residual" (the
-        randomized range finder's estimate of ‖M − QQᵀM‖_F/‖M‖_F for the matrix M it
-        factored; None for LAPACK),
-        "input_residual" (the fixed-point residual ‖P_T(ρW − C)‖/‖P_T(C)‖ of the step's
-        input W_{k−1} against C(W_{k−1}); None at a cold first step) and "lse_min",
-        "lse_max", "log_space_batches" (pass 1's log-sum-exp statistics at W_{k−1}).
+        Per iteration k, the iterate W_k evaluated: "iteration", "loss" (L at W_k),
+        "objective" (L + (ρ/2)‖W_k‖²), "criterion", "residual" (the certificate of W_k;
+        also under "input_residual"), "map_residual" (distance to a fixed point of the
+        plain map, exact C only), "step" (how W_k was made: "first step (s = 0)",
+        "warm start", "damped map", "anderson(m)", ...), "accepted" (by the safeguard),
+        "delta_w" (‖W_k − W_{k−1}‖/‖W_k‖), "seconds" and "phases" (seconds per pass), and
+        the numerics of the step taken at W_k: "sigma_mean", "spectral_gap" (σ_r/σ_{r+1}
+        of C, or of the damped target's sketch when C is matrix-free: "spectral_gap_of"),
+        "svd_residual" (the randomized range finder's estimate of ‖M − QQᵀM‖_F/‖M‖_F for
+        the matrix M it factored; None for LAPACK), and "lse_min", "lse_max",
+        "log_space_batches" (pass 1's log-sum-exp statistics at W_k).
     initial_loss_ : float
         L at s = 0, where the iteration starts.
     loss_ : float
@@ -174,9 +194,11 @@ class UniCon:
     n_iter_ : int
     converged_ : bool
     best_iteration_ : int
-        The iterate kept: the fixed point when the iteration converged, else the
-        iterate with the lowest loss (cosine similarity; L + R for "dot").
+        The iterate kept: the certified fixed point when the iteration converged, else
+        the iterate with the lowest loss (cosine similarity; L + R for "dot").
     stop_reason_ : {"converged", "loss plateau", "max_iter"}
+    tol_ : float
+        The tolerance the fit used (``tol``, or its default for the tile precision).
     n_inputs_x_, n_inputs_y_ : int
         Input dimensions of the two views.
     n_features_x_, n_features_y_ : int

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from ..math.closed_form import closed_form_step, damped_target, fixed_point_residual, spectral_gap
+from ..math.closed_form import closed_form_step, damped_target, fixed_point_residual, map_residual, spectral_gap
 from ..math.linalg import randomized_svd
 from .anderson import make_policy
 from .diagnostics import solve_diagnostics
@@ -250,7 +250,7 @@ def step(C, W_prev, damped: bool, sigma_prev, options: FixedPointOptions, *, sca
     else:
         diag["spectral_gap"] = info["spectral_gap"]
         diag["spectral_gap_of"] = "damped target (sketch)" if damped else "C (sketch)"
-    diag["input_residual"] = None
+    diag["input_residual"] = diag["map_residual"] = None
     if factors is not None:
         if options.matrix_free:
             # C from the sketch of the matrix factored: M = ηC + βW_prev, so C = (M − βW_prev)/η;
@@ -266,6 +266,9 @@ def step(C, W_prev, damped: bool, sigma_prev, options: FixedPointOptions, *, sca
             C_est = ridged(C, options.ridge)
         diag["input_residual"] = fixed_point_residual(C_est, *factors, options.rho, options.factorization,
                                                       options.similarity)
+        # the plain map's own residual needs C's leading triplets: an explicit C only
+        diag["map_residual"] = (None if options.matrix_free else
+                                map_residual(C_est, *factors, options.rho, options.factorization, options.similarity))
     if damped and options.factorization == "sqrt" and options.similarity == "cosine":
         # L is blind to the scale of W here, and C scales as 1/scale(W): the plain map
         # flips the scale (c -> σ̄(C)/ρ ∝ 1/c) every step.  Its fixed-point scale given
@@ -476,7 +479,7 @@ def solve_estimator(model, make_operator, device, *, init=None, sigma_start=None
 
     ``checkpoint`` (a :class:`unicon_dist.io.checkpoints.CheckpointRun`) is written after
     every step and, when it holds a state, resumed from.  Sets ``history_``,
-    ``converged_``, ``stop_reason_``, ``initial_loss_``, ``n_iter_``, ``best_iteration_``,
+    ``converged_``, ``stop_reason_``, ``tol_``, ``initial_loss_``, ``n_iter_``, ``best_iteration_``,
     ``loss_``, ``C_``, ``F1_``, ``F2_``, ``W_`` and ``diagnostics_``; returns ``model``.
     """
     options = FixedPointOptions.from_estimator(model)
@@ -498,6 +501,7 @@ def solve_estimator(model, make_operator, device, *, init=None, sigma_start=None
     result = solve(make_operator, (mx, my), options, device, init=init, resume=resume, sigma_start=sigma_start,
                    on_step=on_step, verifier_operator=verifier_operator, dtype=dtype)
     model.history_, model.converged_, model.stop_reason_ = result.history, result.converged, result.stop_reason
+    model.tol_ = options.tol
     model.initial_loss_, model.n_iter_, model.best_iteration_ = result.initial_loss, result.n_iter, result.best_iteration
     model.C_ = None if result.C is None else result.C.cpu().numpy()
     model.loss_ = result.loss
