@@ -3,8 +3,15 @@
 Every configuration is solved twice on Fashion-MNIST halves (392 + 392 pixels, seeded
 training subsets): as configured (tiles in float32 unless the row says otherwise, inputs in
 their storage precision) and in float64 (``dtype="float64"``, float64 inputs: the exact
-pixel values k/255).  Rank r = 32, ``max_iter`` 6 (at n = 10,000 and τ 0.1 the library's 30
-does not stop earlier either, and would quintuple the run), the library's defaults otherwise.  Recorded per row:
+pixel values k/255).  Rank r = 32; each of the two solves runs to its own certified fixed
+point (issue 18): the library's default solver (safeguarded Anderson), its default ``tol``
+(1e-5 on the residual of float32 tiles, 1e-7 for the float64 solve), ``max_iter`` 40; the
+library's defaults otherwise.  Recorded per row:
+
+- per solve: ``converged_``, ``stop_reason_``, ``n_iter_``, ``tol_``, the residual of the last
+  iterate (``history_[-1]["residual"]``, the fixed-point certificate), the smallest residual
+  and that of the iterate kept (``best_iteration_``); a solve that stops at ``max_iter`` is
+  marked "no (its last residual)";
 
 - the verifier's relative error of C and of its top-r singular values
   (``UniCon(verify=...)``: the working operator against its float64 twin over the same
@@ -17,7 +24,7 @@ does not stop earlier either, and would quintuple the run), the library's defaul
   float64 from each model's maps and factors; and the change of the test mean R@1
   (``retrieval_metrics`` on ``encode_x``/``encode_y``, in the inputs' precision);
 - ``diagnostics_``: Nyström spectrum of K_LL, whitening spectrum, last-step spectral gap and
-  fixed-point residual, log-sum-exp range, log-space batches, safeguards fired;
+  log-sum-exp range, log-space batches, safeguards fired;
 - whether the solve broke: an exception, non-finite W or loss, or an embedding error > 0.5.
 
 Nyström feature bases (eigenvectors of K_LL) are defined up to signs and rotations, so the
@@ -28,19 +35,19 @@ Sweeps (``run`` takes any of them; default all):
 
 ``precision``
     Input storage float64 / float32 / float16 / bfloat16 (``study.round_to_storage``) ×
-    tile dtype float32 / float64; linear kernel, n = 10,000.  All against the float64 solve
-    of the unrounded inputs (the verifier only sees the tile arithmetic).  And float32
-    storage and tiles run to the library's ``max_iter`` of 30 (against a float64 solve of 30
-    iterations): whether the error grows along the iteration.
+    tile dtype float32 / float64; linear kernel, n = 4,000.  All against the float64 solve
+    of the unrounded inputs (the verifier only sees the tile arithmetic).
 ``tau``
     τ ∈ {1, 0.3, 0.1, 0.05, 0.03, 0.01}, cosine similarity; and τ = 0.01 with
     ``similarity="dot"`` (whose |s|/τ overflows float32 at every τ tried, 0.05 to 0.01: one
-    row suffices, and each costs about two minutes).  float32 tiles, linear, n = 10,000.
+    row suffices, and each costs about two minutes).  float32 tiles, linear, n = 4,000.
 ``n``
-    n ∈ {1,000, 4,000, 10,000, 16,000} with full negatives and 60,000 with ``negatives=4096``.
+    n ∈ {1,000, 4,000, 10,000} with full negatives (the six-step map's 16,000 and 60,000 with
+    ``negatives=4096`` are left out: at 40 iterations a solve they cost more than the rest).
 ``nystrom``
     RBF kernel (median-heuristic bandwidth), ``n_landmarks`` ∈ {128, 512, 2048} ×
-    ``eig_floor`` ∈ {0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4}, n = 10,000.  Floors that drop the
+    ``eig_floor`` ∈ {0, 1e-12, 1e-10, 1e-8, 1e-6, 1e-4}, n = 4,000 (the six-step map's
+    m = 2048 and its svd check are left out for time; ``Scale.landmarks`` brings them back).  Floors that drop the
     same eigenvalues of K_LL as another floor (in both the float32 and the float64 solve)
     give the same map bit for bit, hence the same solve: such rows are solved once and say
     ``same as``.  At m = 2048 the verifier compares a seeded sample of 16 tiles (each of its
@@ -51,12 +58,12 @@ Sweeps (``run`` takes any of them; default all):
 ``bandwidth``
     RBF with bandwidth c × h, h the median-heuristic bandwidth of each view (as
     ``Kernel.resolve`` sets it on the training rows), c ∈ {0.1, 0.3, 1, 3, 10, 30};
-    512 landmarks, default floor, n = 10,000.  c = 1 is ``kernel="rbf"`` itself (resolved in
+    512 landmarks, default floor, n = 4,000.  c = 1 is ``kernel="rbf"`` itself (resolved in
     each fit), the solve of ``nystrom`` at m = 512 and the default floor.
 ``duplicates``
     Nyström maps built with ``NystroemMap.from_landmarks`` from 512 uniform landmarks of which
     20 % are replaced by copies of other landmarks plus δ·N(0, 1) (δ ∈ {0, 1e-8, 1e-6, 1e-4,
-    1e-2}; per view, seeded), eig_floor 1e-10 (default) and 0; n = 5,000.  The maps'
+    1e-2}; per view, seeded), eig_floor 1e-10 (default) and 0; n = 4,000.  The maps'
     features (float64, like ``transform``) are fitted with the linear kernel, as the model
     does inside: float32 storage of the inputs and landmarks for the working solve, float64
     for the reference.
@@ -64,22 +71,27 @@ Sweeps (``run`` takes any of them; default all):
     What each safeguard buys: log-space statistics off (``CrossProductOperator._direct``
     patched to return True in this process, for the working solve only) where a solve of
     ``tau`` used them; float64 accumulation of C against summing the tile products
-    (``tile_keys``/``tile_product``) in float32, at the encoders of the n = 10,000 baseline
+    (``tile_keys``/``tile_product``) in float32, at the encoders of the n = 4,000 baseline
     on 10,000 and 60,000 rows (full negatives); whitening off (``whiten=None``).  The
     eigenvalue floor's rows are those of ``duplicates``.
 
 Usage::
 
-    python benchmarks/stability.py run                  # all sweeps (wall time: RESULTS §9)
+    flock /tmp/bench.lock python benchmarks/stability.py run   # all sweeps (wall time: RESULTS §9)
     python benchmarks/stability.py run tau safeguards   # some; rows merge into the JSON by sweep
     python benchmarks/stability.py run --quick          # smoke run -> results/stability_quick.json
     python benchmarks/stability.py report               # Markdown tables + results/stability_<sweep>.png
+    # the tau sweep with room to converge: 120 iterations, tol 1e-5 for the float64 solves too
+    flock /tmp/bench.lock python benchmarks/stability.py run tau --max-iter 120 --ref-tol 1e-5 \
+        --out stability_tau_long.json
+    python benchmarks/stability.py report --out stability_tau_long.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -127,20 +139,21 @@ SEED = 0
 class Scale:
     """Sizes of a run: the full benchmark or the smoke run (``--quick``)."""
 
-    n: int = 10_000
+    n: int = 4_000  # 10,000 in the six-step map: cut so that every solve can run 40 iterations
     n_test: int = 2_000
-    sizes: tuple = (1_000, 4_000, 10_000, 16_000, 60_000)
+    sizes: tuple = (1_000, 4_000, 10_000)
     batched_from: int = 60_000  # n at which negatives=4096 replaces full negatives
-    landmarks: tuple = (128, 512, 2048)
+    landmarks: tuple = (128, 512)
     sampled_from: int = 2048  # landmarks from which the verifier samples tiles
     sample_tiles: int = 16
     bandwidth_landmarks: int = 512
-    dup_n: int = 5_000
+    dup_n: int = 4_000
     dup_landmarks: int = 512
     accumulation_n: tuple = (10_000, 60_000)
     rank: int = 32
-    max_iter: int = 6
-    long_iter: int = 30
+    max_iter: int = 40  # each solve stops at its certified fixed point (default tol) or here
+    svd_check_from: int = 1025  # landmarks from which ``svd_check`` runs (svd="auto" is randomized there)
+    ref_tol: float | None = None  # tol of the float64 solve (None: the library's 1e-7)
 
     def base(self) -> dict:
         return dict(rank=self.rank, max_iter=self.max_iter, seed=SEED)
@@ -149,7 +162,7 @@ class Scale:
 FULL = Scale()
 QUICK = Scale(n=1_500, n_test=500, sizes=(500, 1_500, 3_000), batched_from=3_000, landmarks=(64, 128),
               sampled_from=128, sample_tiles=2, bandwidth_landmarks=64, dup_n=1_000, dup_landmarks=64,
-              accumulation_n=(1_500, 3_000), rank=8, max_iter=3, long_iter=6)
+              accumulation_n=(1_500, 3_000), rank=8, max_iter=8, svd_check_from=128)
 
 
 # ----------------------------------------------------------------------------- data
@@ -291,6 +304,12 @@ def solve(options: dict, arrays: tuple, patch: str | None = None) -> Solve:
     if model is None:
         return Solve(rec)
     history = model.history_
+    residuals = [h["residual"] for h in history]
+    finite_res = [r for r in residuals if r is not None and math.isfinite(r)]
+    rec.update(converged=bool(model.converged_), tol=model.tol_, residual=residuals[-1],
+               min_residual=min(finite_res) if finite_res else None,
+               kept_residual=residuals[model.best_iteration_ - 1], residuals=residuals,
+               steps=[h.get("step") for h in history])
     rec.update(n_iter=model.n_iter_, stop_reason=model.stop_reason_, best_iteration=model.best_iteration_,
                loss=model.loss_, initial_loss=model.initial_loss_, losses=[h["loss"] for h in history],
                iteration_seconds=[h["seconds"] for h in history],
@@ -395,6 +414,8 @@ class Runner:
         inputs = case.inputs()
         base = self.scale.base()
         ref_options = {**base, **case.options, "dtype": "float64"}
+        if self.scale.ref_tol is not None:
+            ref_options["tol"] = self.scale.ref_tol
         ref = self.fit(inputs.ref_key, ref_options, inputs.ref)
         is_ref = case.dtype == "float64" and inputs.work_key == inputs.ref_key and case.patch is None
         if is_ref:
@@ -415,7 +436,8 @@ def _print_row(row: dict) -> None:
     ver = (w.get("diagnostics") or {}).get("verify") or {}
     print(f"[{row['sweep']}] {row['label']}: C err {_g(ver.get('c_rel_error'))}, W err {_g(e.get('w_rel_error'))}, "
           f"emb err {_g(e.get('emb_rel_error'))}, R@1 {_g(w.get('R@1'))} (d {_g(e.get('R@1_delta'))}), "
-          f"{w.get('n_iter')} it, {w.get('seconds', 0):.1f} s + ref {row['reference'].get('seconds', 0):.1f} s"
+          f"{_conv(w)} / {_conv(row['reference'])}, {w.get('n_iter')} / {row['reference'].get('n_iter')} it, "
+          f"{w.get('seconds', 0):.1f} s + ref {row['reference'].get('seconds', 0):.1f} s"
           + (f"; BROKE: {row['broke']}" if row["broke"] else ""), flush=True)
 
 
@@ -424,12 +446,6 @@ def precision_cases(s: Scale) -> list[Case]:
     cases = [Case("precision", f"{storage} storage, {tiles} tiles", {"storage": storage, "tiles": tiles},
                   lambda storage=storage: stored(s.n, s.n_test, storage), dtype=tiles)
              for storage in STORAGES for tiles in ("float32", "float64")]
-    # whether the error grows along the iteration: the float32 solve and its reference run
-    # to the library's max_iter (30) instead of the sweeps' common cap
-    long = {"max_iter": s.long_iter}
-    cases.append(Case("precision", f"float32 storage, float32 tiles, {s.long_iter} iterations",
-                      {"storage": "float32", "tiles": f"float32, max_iter {s.long_iter}"},
-                      lambda: stored(s.n, s.n_test, "float32"), long))
     return cases
 
 
@@ -643,7 +659,9 @@ CASES = {"precision": precision_cases, "tau": tau_cases, "n": n_cases, "nystrom"
 
 
 # ----------------------------------------------------------------------------- driver
-def results_path(quick: bool) -> Path:
+def results_path(quick: bool, out: str | None = None) -> Path:
+    if out:
+        return HERE / "results" / out
     return HERE / "results" / ("stability_quick.json" if quick else "stability.json")
 
 
@@ -661,7 +679,11 @@ def save(path: Path, sweep: str, rows: list[dict], timing: dict, scale: Scale, c
 def run(args) -> int:
     logging.getLogger("unicon_dist").setLevel(logging.ERROR)  # non-convergence is in each record
     scale = QUICK if args.quick else FULL
-    path = results_path(args.quick)
+    if args.max_iter is not None:
+        scale = dataclasses.replace(scale, max_iter=args.max_iter)
+    if args.ref_tol is not None:
+        scale = dataclasses.replace(scale, ref_tol=args.ref_tol)
+    path = results_path(args.quick, args.out)
     runner = Runner(scale)
     commit = H.git_commit()  # the code this process imported (HEAD may move while it runs)
     print(H.machine_line(), commit, file=sys.stderr)
@@ -674,7 +696,7 @@ def run(args) -> int:
             rows = safeguard_rows(runner, scale)
         else:
             rows = [runner.run(case) for case in CASES[sweep](scale)]
-        if sweep == "nystrom":
+        if sweep == "nystrom" and max(scale.landmarks) >= scale.svd_check_from:
             rows += svd_check(scale)
         timing = {"seconds": time.perf_counter() - t0, "cpu_seconds": H.cpu_s() - cpu0,
                   "loadavg_before_after": [load0, os.getloadavg()[0]]}
@@ -689,7 +711,8 @@ def run(args) -> int:
                                               "cpu_seconds": cpu, "date": datetime.date.today().isoformat(),
                                               "commit": commit})
     path.write_text(json.dumps(data, indent=1))
-    plot_all(data, args.quick)
+    if not args.out:
+        plot_all(data, args.quick)
     return 0
 
 
@@ -710,35 +733,51 @@ def _verify(row: dict) -> dict:
     return _diag(row).get("verify") or {}
 
 
-def _safeguard_names(row: dict) -> str:
-    names = [s["name"] for s in _diag(row).get("safeguards") or []]
+def _safeguard_names(row: dict, side: str = "work") -> str:
+    names = [s["name"] for s in _diag(row, side).get("safeguards") or []]
     short = {"nystrom eigenvalue floor": "floor", "whitening eigenvalue clip": "clip",
              "log-space statistics": "log space", "small spectral gap": "small gap",
              "lowest-loss iterate kept": "lowest-loss"}
     return ", ".join(short.get(n, n) for n in names) or "—"
 
 
-COMMON_HEAD = ("verifier C err | verifier σ err | W err | W ∠° | emb err | emb ∠° | R@1 f64 | ΔR@1 | "
-               "it (kept) | gap σ_r/σ_r+1 | fixed-pt resid | safeguards fired | broke")
+COMMON_HEAD = ("converged (work / f64) | iters (work / f64) | residual (work / f64) | "
+               "verifier C err | verifier σ err | W err | W ∠° | emb err | emb ∠° | R@1 f64 | ΔR@1 | "
+               "gap σ_r/σ_r+1 | fixed-pt resid (kept) | safeguards fired | broke")
+
+
+def _conv(rec: dict) -> str:
+    """"yes", or "no (last residual)" for a solve stopped short of its tolerance."""
+    if "error" in rec or rec.get("converged") is None:
+        return "—"
+    return "yes" if rec["converged"] else f"no ({_g(rec.get('residual'))})"
+
+
+def _solve_cells(row: dict) -> list[str]:
+    """Convergence, iterations and last residual of the working and the float64 solve."""
+    w, ref = row["work"], row["reference"]
+    if row.get("is_reference"):
+        return [f"{_conv(ref)} (f64)", f"{ref.get('n_iter', '—')} (f64)", f"{_g(ref.get('residual'))} (f64)"]
+    iters = " / ".join(str(r.get("n_iter", "—")) if "error" not in r else "—" for r in (w, ref))
+    return [f"{_conv(w)} / {_conv(ref)}", iters, f"{_g(w.get('residual'))} / {_g(ref.get('residual'))}"]
 
 
 def common_cells(row: dict) -> str:
     if row.get("is_reference"):
         ref, last = row["reference"], _diag(row, "reference").get("last_step") or {}
-        cells = ["(the float64 reference)"] + [""] * 5 + [
-            _g(ref.get("R@1"), ".3f"), "", f"{ref.get('n_iter')} ({ref.get('best_iteration')})",
-            _g(last.get("spectral_gap"), ".4g"), _g(last.get("input_residual")), _safeguard_names(row), "no"]
+        cells = _solve_cells(row) + ["(the float64 reference)"] + [""] * 5 + [
+            _g(ref.get("R@1"), ".3f"), "", _g(last.get("spectral_gap"), ".4g"), _g(ref.get("kept_residual")),
+            _safeguard_names(row, "reference"), "no"]
         return " | ".join(cells)
     e, w, ver = row["errors"], row["work"], _verify(row)
     last = _diag(row).get("last_step") or {}
     sampled = f" ({ver['tiles']}/{ver['tiles_total']} tiles)" if ver.get("mode") == "sample" else ""
     w_err = _g(e.get("w_rel_error")) if "w_shapes" not in e else "shapes differ"
-    cells = [
+    cells = _solve_cells(row) + [
         _g(ver.get("c_rel_error")) + sampled, _g(ver.get("sv_rel_error")), w_err, _g(e.get("w_angle_deg")),
         _g(e.get("emb_rel_error")), _g(e.get("emb_angle_deg")), _g(row["reference"].get("R@1"), ".3f"),
         _g(e.get("R@1_delta"), "+.3f"),
-        f"{w.get('n_iter', '—')} ({w.get('best_iteration', '—')})" if "error" not in w else "—",
-        _g(last.get("spectral_gap"), ".4g"), _g(last.get("input_residual")), _safeguard_names(row),
+        _g(last.get("spectral_gap"), ".4g"), _g(w.get("kept_residual")), _safeguard_names(row),
         f"**{row['broke']}**" if row["broke"] else "no",
     ]
     return " | ".join(cells)
@@ -810,10 +849,10 @@ def report_tables(data: dict) -> str:
                    f"{sum(v.get('cpu_seconds', 0) for v in runs.values()):.0f} | | |")
         out.append("")
     if by["precision"]:
-        out += _table("Input storage × tile precision (linear, n = 10,000, τ 0.1)", "storage | tiles",
+        out += _table("Input storage × tile precision (linear, n = 4,000, τ 0.1)", "storage | tiles",
                       by["precision"], lambda r: f"{r['config']['storage']} | {r['config']['tiles']}")
     if by["tau"]:
-        out += _table("Temperature (linear, float32 tiles and storage, n = 10,000)", "similarity | τ | LSE range | "
+        out += _table("Temperature (linear, float32 tiles and storage, n = 4,000)", "similarity | τ | LSE range | "
                       "log-space batches", by["tau"],
                       lambda r: f"{r['config']['similarity']} | {r['config']['temperature']:g} | "
                                 f"{_lse(r)} | {_diag(r).get('log_space_batches', '—')}")
@@ -822,14 +861,14 @@ def report_tables(data: dict) -> str:
                       lambda r: f"{r['config']['n']:,} | {r['config']['negatives']} | {r['work']['seconds']:.0f} | "
                                 f"{r['reference']['seconds']:.0f}")
     if by["nystrom"]:
-        out += _table("Nyström landmarks m × eigenvalue floor (RBF, median bandwidth, n = 10,000)",
+        out += _table("Nyström landmarks m × eigenvalue floor (RBF, median bandwidth, n = 4,000)",
                       "m | eig_floor | cond K_LL x / y | eff. rank x / y | same as", by["nystrom"],
                       lambda r: f"{r['config']['n_landmarks']} | {r['config']['eig_floor']:g} | "
                                 f"{_ny(r, 'condition_number')} | {_eff_rank(r)} | "
                                 f"{_g(r['config'].get('same_as'), 'g')}")
         out += svd_check_table([r for r in rows if r.get("kind") == "svd check"])
     if by["bandwidth"]:
-        out += _table("RBF bandwidth c × median heuristic (512 landmarks, floor 1e-10, n = 10,000)",
+        out += _table("RBF bandwidth c × median heuristic (512 landmarks, floor 1e-10, n = 4,000)",
                       "c | h x / y | cond K_LL x / y | eff. rank x / y | K(X, L): median row max | "
                       "K(X, L) 0 / subnormal in float32", by["bandwidth"],
                       lambda r: f"{r['config']['factor']:g} | {r['config']['bandwidth'][0]:.3g} / "
@@ -838,7 +877,7 @@ def report_tables(data: dict) -> str:
                                 f"{_g(r['config']['kernel_x']['float32_zero'])} / "
                                 f"{_g(r['config']['kernel_x']['float32_subnormal'])}")
     if by["duplicates"]:
-        out += _table("Duplicated landmarks (20 % of 512, RBF, n = 5,000; view X's maps of the float32 / float64 "
+        out += _table("Duplicated landmarks (20 % of 512, RBF, n = 4,000; view X's maps of the float32 / float64 "
                       "solves)", "δ | eig_floor | cond K_LL | features | cond kept", by["duplicates"],
                       lambda r: f"{_g(r['config']['delta'], 'g')} | {r['config']['eig_floor']:g} | "
                                 f"{_dup_spec(r, 'condition_number')} | {_dup_spec(r, 'effective_rank', 'd')} | "
@@ -962,7 +1001,7 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
                            for r in rs], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("relative error vs float64 solve")
-        ax.set_title("storage precision × tile dtype (linear, n = 10,000)")
+        ax.set_title("storage precision × tile dtype (linear, n = 4,000)")
         ax.legend(fontsize=8)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         save_fig(fig, "precision")
@@ -973,7 +1012,7 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
                         key=lambda r: r["config"]["temperature"])
             _errors_axes(ax, [r["config"]["temperature"] for r in rs], rs, "temperature τ", f"{sim}: ", marker)
         ax.set_xscale("log")
-        ax.set_title("float32 solve vs float64, by τ (linear, n = 10,000)")
+        ax.set_title("float32 solve vs float64, by τ (linear, n = 4,000)")
         ax.legend(fontsize=7)
         save_fig(fig, "tau")
     if by["n"]:
@@ -981,7 +1020,7 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
         rs = sorted(by["n"], key=lambda r: r["config"]["n"])
         _errors_axes(ax, [r["config"]["n"] for r in rs], rs, "training pairs n")
         ax.set_xscale("log")
-        ax.set_title("float32 solve vs float64, by n (60k: negatives 4096)")
+        ax.set_title("float32 solve vs float64, by n (full negatives)")
         ax.legend(fontsize=8)
         save_fig(fig, "n")
     if by["nystrom"]:
@@ -1003,7 +1042,7 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
         axes[1].set_ylabel("effective rank of the X map")
         axes[0].legend(fontsize=7)
         axes[1].legend(fontsize=7)
-        fig.suptitle("RBF Nyström, median bandwidth, n = 10,000")
+        fig.suptitle("RBF Nyström, median bandwidth, n = 4,000")
         save_fig(fig, "nystrom")
     if by["bandwidth"]:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -1026,7 +1065,7 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
             _errors_axes(ax, xs, rs, "perturbation δ of the duplicates (0 drawn at 1e-10)", f"floor {floor:g}: ",
                          marker, w=False)
         ax.set_xscale("log")
-        ax.set_title("20 % duplicated landmarks (m = 512, n = 5,000)")
+        ax.set_title("20 % duplicated landmarks (m = 512, n = 4,000)")
         ax.legend(fontsize=7)
         save_fig(fig, "duplicates")
     if by["safeguards"]:
@@ -1055,14 +1094,14 @@ def plot_all(data: dict, quick: bool = False) -> list[Path]:
 
 
 def report(args) -> int:
-    path = results_path(args.quick)
+    path = results_path(args.quick, args.out)
     data = json.loads(path.read_text())
     runs = data.get("runs", {})
     machines = sorted({v["machine"] for v in runs.values()})
     commits = sorted({v["commit"] for v in runs.values()})
     print(f"machine: {'; '.join(machines)}; commit(s) {', '.join(commits)}\n")
     print(report_tables(data))
-    for p in plot_all(data, args.quick):
+    for p in ([] if args.out else plot_all(data, args.quick)):
         print(f"plot: {p.relative_to(H.REPO)}")
     return 0
 
@@ -1073,8 +1112,12 @@ def main(argv=None) -> int:
     p_run = sub.add_parser("run", help="measure the sweeps (default: all)")
     p_run.add_argument("sweeps", nargs="*", metavar="sweep", help=f"any of {', '.join(SWEEPS)}")
     p_run.add_argument("--quick", action="store_true", help="smoke run at small sizes (stability_quick.json)")
+    p_run.add_argument("--max-iter", type=int, help="iterations cap of every solve (default: Scale.max_iter)")
+    p_run.add_argument("--ref-tol", type=float, help="tol of the float64 solves (default: the library's 1e-7)")
     p_rep = sub.add_parser("report", help="Markdown tables and plots from the JSON")
     p_rep.add_argument("--quick", action="store_true")
+    for p in (p_run, p_rep):
+        p.add_argument("--out", help="JSON file name under results/ instead of stability.json (no plots)")
     args = parser.parse_args(argv)
     unknown = [w for w in getattr(args, "sweeps", []) if w not in SWEEPS]
     if unknown:  # (argparse rejects an empty list when nargs="*" has choices)
