@@ -52,16 +52,25 @@ resets VmHWM, times the fit, then evaluates):
     ``BatchAveragedUniCon(rank=r, batch_size=4096)`` with the paper's per-batch options
     (τ = 0.07, "orthonormal", damping 1, loss_tol 0, max_iter 10), fed the training data
     centred with its means (it does not centre); validation and test centred with the same means.
+``unicon-default``
+    ``UniCon(rank=r)``: the library defaults as they are (since issue 18: safeguarded
+    Anderson solver, ``negatives="auto"`` = batches of 2,048 above 8,192 pairs, ``max_iter``
+    30, ``tol`` 1e-5 on the certified residual), on the whole training set.
 ``unicon-full``
-    ``UniCon(rank=r)`` (library defaults, full negatives).  On WordNet a seeded
-    40,000-row subset of train (n² work per iteration), unless ``--wordnet-full-all``.
+    ``UniCon(rank=r, negatives="full")`` (library defaults otherwise, explicit full
+    negatives).  On WordNet a seeded 40,000-row subset of train (n² work per iteration),
+    unless ``--wordnet-full-all``.
 ``unicon-batched``
     ``UniCon(rank=r, negatives=4096, batch_split="random")``.
 ``unicon-rbf``
     ``UniCon(rank=r, kernel="rbf", n_landmarks=2048, negatives=4096)``.
 ``unicon-paper``
     ``UniCon(rank=r, center=False, whiten=None, factorization="orthonormal", damping=1.0,
-    loss_tol=0.0, temperature=0.07, max_iter=10, negatives=4096)``.
+    loss_tol=0.0, temperature=0.07, max_iter=10, negatives=4096, solver="plain")``: the
+    paper's (undamped, un-accelerated) map.
+
+Every UniCon row records ``stop_reason``, ``n_iter``, the kept iteration and the certified
+residual of the kept iterate (``final_residual``; ``residuals`` per iteration).
 
 On WordNet the UniCon methods get the synset ids as ``groups`` (many-to-many positives,
 what a fit from the store does by default); the baselines have no such option and treat
@@ -93,7 +102,7 @@ import _harness as H  # noqa: E402
 H.use_checkout()
 
 DATASETS = ("fashion-mnist", "wordnet")
-METHODS = ("cca", "sgd-clip", "batch-avg", "unicon-full", "unicon-batched", "unicon-rbf", "unicon-paper")
+METHODS = ("cca", "sgd-clip", "batch-avg", "unicon-default", "unicon-full", "unicon-batched", "unicon-rbf", "unicon-paper")
 WORDNET_STORE = H.REPO / "data" / "wordnet.zarr"
 RESULTS = HERE / "results"
 
@@ -206,6 +215,14 @@ def evaluate(enc_x, enc_y, data: dict) -> dict:
     return out
 
 
+def _kept_residual(model):
+    """Certified fixed-point residual of the kept iterate (``best_iteration_``), or None."""
+    for h in model.history_:
+        if h.get("iteration") == model.best_iteration_ and h.get("residual") is not None:
+            return float(h["residual"])
+    return None
+
+
 def unicon_details(model, fit_seconds: float) -> dict:
     phases: dict = {}
     for h in model.history_:
@@ -219,6 +236,9 @@ def unicon_details(model, fit_seconds: float) -> dict:
         "n_features": [int(model.n_features_x_), int(model.n_features_y_)],
         "initial_loss": float(model.initial_loss_), "loss": float(model.loss_),
         "losses": [float(h["loss"]) for h in model.history_],
+        "residuals": [None if h.get("residual") is None else float(h["residual"]) for h in model.history_],
+        "final_residual": _kept_residual(model), "tol": getattr(model, "tol_", None),
+        "steps": [h.get("step") for h in model.history_],
         "options": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
                     for k, v in model.get_params().items()},
     }
@@ -227,6 +247,8 @@ def unicon_details(model, fit_seconds: float) -> dict:
 # ----------------------------------------------------------------------------- worker
 def unicon_options(method: str, rank: int, cfg: dict) -> dict:
     B = cfg["negatives"]
+    if method == "unicon-default":
+        return dict(rank=rank)
     if method == "unicon-full":
         return dict(rank=rank, negatives="full")
     if method == "unicon-batched":
@@ -234,7 +256,7 @@ def unicon_options(method: str, rank: int, cfg: dict) -> dict:
     if method == "unicon-rbf":
         return dict(rank=rank, kernel="rbf", n_landmarks=cfg["landmarks"], negatives=B)
     if method == "unicon-paper":
-        return dict(rank=rank, center=False, whiten=None, negatives=B, **PAPER)
+        return dict(rank=rank, center=False, whiten=None, negatives=B, solver="plain", **PAPER)
     raise ValueError(method)
 
 
@@ -409,7 +431,9 @@ def note(row: dict) -> str:
     else:
         ph = d.get("phase_seconds", {})
         phase = ", ".join(f"{k} {_secs(v)}" for k, v in ph.items())
-        parts.append(f"{d['n_iter']} it, {d['stop_reason']}, kept {d['best_iteration']}; {phase}; "
+        res = d.get("final_residual")
+        res = "" if res is None else f", residual {res:.1e}"
+        parts.append(f"{d['n_iter']} it, {d['stop_reason']}, kept {d['best_iteration']}{res}; {phase}; "
                      f"setup {_secs(d['setup_seconds'])} s")
         if d.get("groups"):
             parts.append("synset groups as positives")
