@@ -196,7 +196,8 @@ def fixed_point_residual(C, F1, F2, rho: float, factorization: str = "sqrt", sim
     return float(torch.linalg.norm(pt_c - float(rho) * W)) / denom  # W lies in its own tangent space
 
 
-def map_residual(C, F1, F2, rho: float, factorization: str = "sqrt", similarity: str = "dot") -> float:
+def map_residual(C, F1, F2, rho: float, factorization: str = "sqrt", similarity: str = "dot", *,
+                 triplets=None) -> float:
     """‖N(T(W)) − N(W)‖_F / ‖N(T(W))‖_F: how far W = F1ᵀF2 is from a fixed point of the plain map.
 
     T(W) is the undamped step at W, built from the leading r singular triplets of C
@@ -205,12 +206,18 @@ def map_residual(C, F1, F2, rho: float, factorization: str = "sqrt", similarity:
     Zero at a fixed point of T.  :func:`fixed_point_residual` vanishes at every stationary
     point (P_T(C) = ρW), which the damped map converges to; this one vanishes only where
     W's subspaces are also C's *leading* ones (in SCF terms, the aufbau solution).  It needs
-    the full SVD of C (exact C only).
+    the full SVD of C (exact C only); ``triplets`` = (U, s, Vh) of C, descending, when the
+    caller has it already.
     """
     C = torch.as_tensor(np.asarray(C) if not isinstance(C, torch.Tensor) else C).double()
     F1 = torch.as_tensor(F1).to(device=C.device, dtype=torch.float64)
     F2 = torch.as_tensor(F2).to(device=C.device, dtype=torch.float64)
-    U, s, Vh = truncated_svd(C, F1.shape[0])
+    r = F1.shape[0]
+    if triplets is None:
+        U, s, Vh = truncated_svd(C, r)
+    else:
+        U, s, Vh = (t.to(device=C.device, dtype=torch.float64) for t in triplets)
+        U, s, Vh = U[:, :r], s[:r], Vh[:r]
     T = (U * (s if factorization == "sqrt" else torch.ones_like(s))) @ Vh
     W = F1.T @ F2
     if factorization == "sqrt" and similarity == "cosine":

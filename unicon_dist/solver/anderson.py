@@ -35,7 +35,6 @@ import math
 import torch
 
 from ..math.closed_form import closed_form_step
-from ..math.linalg import randomized_svd
 
 __all__ = ["ANDERSON_DEPTH", "PlainSteps", "AndersonSteps", "normalize", "make_policy", "POLICIES"]
 
@@ -77,14 +76,10 @@ def project(Z: torch.Tensor, options, scale: float | None):
     """Factors of the point of the factorization's set nearest Z: the rank-r truncation
     ("sqrt") or its polar factor ("orthonormal"); for "sqrt" with cosine similarity, where
     Z is a direction, scaled to ‖F1ᵀF2‖_F = ``scale`` (the map's estimate of the fixed point's)."""
-    rank = int(options.rank)
-    if options.svd_solver == "exact":
-        F1, F2 = closed_form_step(Z, rank, 1.0, 0.0, options.factorization)
-    else:  # Z has rank ≤ (m + 1) r; the sketch of a dense matrix costs no pass over the rows
-        U, s, Vh = randomized_svd(Z, rank, int(options.svd_oversampling), int(options.svd_power_iter), options.seed)
-        U, s, Vh = U.to(Z), s.to(Z), Vh.to(Z)
-        root = torch.sqrt(s)[:, None] if options.factorization == "sqrt" else torch.ones_like(s)[:, None]
-        F1, F2 = root * U.T, root * Vh
+    # Z has rank ≤ (m + 1) r; a randomized SVD of a dense Z costs no pass over the rows
+    F1, F2 = closed_form_step(Z, int(options.rank), 1.0, 0.0, options.factorization, svd=options.svd_solver,
+                              oversampling=int(options.svd_oversampling), n_power_iter=int(options.svd_power_iter),
+                              seed=options.seed)
     if scale is not None and options.factorization == "sqrt" and options.similarity == "cosine":
         gain = math.sqrt(scale / float(torch.linalg.norm(dense(F1, F2))))
         F1, F2 = F1 * gain, F2 * gain

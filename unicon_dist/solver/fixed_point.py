@@ -196,7 +196,7 @@ def step(C, W_prev, damped: bool, sigma_prev, options: FixedPointOptions, *, sca
         The matrix factored is exactly 0 (nothing to learn).
     """
     rank = int(options.rank)
-    svals_c = None
+    svals_c = triplets_c = None
     if factors is not None and factors[0] is None:
         factors = None
     if damped and options.factorization == "sqrt" and options.similarity == "dot":
@@ -209,7 +209,9 @@ def step(C, W_prev, damped: bool, sigma_prev, options: FixedPointOptions, *, sca
         # iteration converges (it only sets the step length).  The s = 0 step's C is on
         # another scale, so the step after it sketches C once more (``scale_known`` False).
         if not options.matrix_free:
-            svals_c = torch.linalg.svdvals(ridged(C, options.ridge))
+            # one SVD of C serves the scale here and the plain map's residual below
+            triplets_c = torch.linalg.svd(ridged(C, options.ridge), full_matrices=False)
+            svals_c = triplets_c[1]
             c_scale = float(svals_c[:rank].mean())
         elif scale_known:
             c_scale = sigma_prev
@@ -268,7 +270,8 @@ def step(C, W_prev, damped: bool, sigma_prev, options: FixedPointOptions, *, sca
                                                       options.similarity)
         # the plain map's own residual needs C's leading triplets: an explicit C only
         diag["map_residual"] = (None if options.matrix_free else
-                                map_residual(C_est, *factors, options.rho, options.factorization, options.similarity))
+                                map_residual(C_est, *factors, options.rho, options.factorization, options.similarity,
+                                             triplets=triplets_c if damped else info["triplets"]))
     if damped and options.factorization == "sqrt" and options.similarity == "cosine":
         # L is blind to the scale of W here, and C scales as 1/scale(W): the plain map
         # flips the scale (c -> σ̄(C)/ρ ∝ 1/c) every step.  Its fixed-point scale given
@@ -419,7 +422,7 @@ def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None
             F1, F2 = N1, N2
         if on_step is not None:
             header, arrays = policy.state()
-            on_step(FixedPointState(it, stop_reason is not None, F1, F2, F1.T.to(torch.float64) @ F2.to(torch.float64),
+            on_step(FixedPointState(it, stop_reason is not None, F1, F2, W if stop_reason is not None else W_next,
                                     best, history, converged, stop_reason, initial_loss,
                                     solver={"pending": pending, "policy": header}, solver_arrays=arrays))
         if stop_reason is not None:
