@@ -165,9 +165,10 @@ def test_checkpoint_history_has_every_iteration(tmp_path, data):
     model = ud.UniCon(**OSCILLATING).fit(X, Y, checkpoint=ckpt)  # resume=False: a plain fit that also writes
     header, arrays = load_checkpoint(ckpt)
     assert header["history"] == json.loads(json.dumps(model.history_))
-    # cosine similarity: iterates are compared by the loss (R only sets the scale of W)
-    assert header["best"] == {"criterion": model.history_[model.best_iteration_ - 1]["loss"],
-                              "iteration": model.best_iteration_}
+    # without a loss-plateau stop the iterate kept is the one of lowest residual
+    residuals = [h["residual"] for h in model.history_]
+    assert model.best_iteration_ == int(np.argmin(residuals)) + 1
+    assert header["best"] == {"value": residuals[model.best_iteration_ - 1], "iteration": model.best_iteration_}
     assert header["stop_reason"] == model.stop_reason_ == "max_iter"
     assert np.array_equal(arrays["best_F1"], model.F1_) and np.array_equal(arrays["best_W"], model.W_)
     assert header["n_features"] == [8, 6] and header["n_inputs"] == [8, 6] and header["svd_solver"] == "exact"

@@ -188,7 +188,7 @@ def test_safeguards_are_listed_and_warned_by_name():
         model = ud.UniCon(rank=2, kernel="rbf", n_landmarks=40, similarity="dot", temperature=0.01, max_iter=2,
                           loss_tol=0).fit(Xd, Yd)
     names = {s["name"] for s in model.diagnostics_["safeguards"]}
-    assert {"nystrom eigenvalue floor", "log-space statistics", "lowest-loss iterate kept"} <= names
+    assert {"nystrom eigenvalue floor", "log-space statistics", "lowest residual iterate kept"} <= names
     messages = " ".join(str(w.message) for w in caught)
     assert "effective rank 30 of 40" in messages and "safeguard 'log-space statistics'" in messages
     floor = next(s for s in model.diagnostics_["safeguards"] if s["name"] == "nystrom eigenvalue floor")

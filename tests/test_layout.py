@@ -94,7 +94,7 @@ def test_auto_negatives_are_full_up_to_the_threshold_and_batches_above():
     assert resolve_negatives(10, 512) == 512 and resolve_negatives(10, "full") == "full"
 
 
-@pytest.mark.parametrize("n, same_as", [(2000, "full"), (8200, 2048)])
+@pytest.mark.parametrize("n, same_as", [(2000, "full"), (4200, 1024)])
 def test_a_fit_with_auto_negatives_is_the_fit_with_what_auto_picks(n, same_as):
     """One statistics and product pass each (max_iter=1): the losses are those of the
     explicit choice, bit for bit, and differ from the other choice's."""
@@ -108,5 +108,5 @@ def test_a_fit_with_auto_negatives_is_the_fit_with_what_auto_picks(n, same_as):
         model = ud.UniCon(rank=2, negatives=negatives, max_iter=1).fit(X, Y)
         return [model.initial_loss_] + [h["loss"] for h in model.history_]
 
-    other = 512 if same_as == "full" else "full"  # (a batch of 2048 ≥ n would be all rows)
+    other = 512 if same_as == "full" else "full"  # (a batch of 4096 ≥ n would be all rows)
     assert losses("auto") == losses(same_as) != losses(other)

@@ -65,6 +65,7 @@ def _demo_data(args):
 def cmd_demo(args) -> int:
     import time
 
+    from ..solver.diagnostics import kept_as
     from ..solver.estimator import UniCon
     from .evaluation import evaluate_arrays, format_evaluation
 
@@ -92,7 +93,7 @@ def cmd_demo(args) -> int:
         print(f"  {h['iteration']:>3}  loss {h['loss']:.5f}  residual {h['residual']:.2e}"
               f"  {h['seconds']:.3f}s  {h['step']}")
     print(f"  stopped: {model.stop_reason_}; kept iteration {model.best_iteration_}"
-          f"{f' (residual <= tol = {model.tol_:.0e})' if model.converged_ else ' (lowest loss)'}")
+          f"{f' (residual <= tol = {model.tol_:.0e})' if model.converged_ else f' ({kept_as(model)})'}")
 
     t0 = time.perf_counter()
     result = evaluate_arrays(model, tl, tr, labels=test_labels, label_names=classes, max_rows=args.max_rows,

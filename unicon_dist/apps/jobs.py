@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..io.artifacts import atomic_write
 from ..io.checkpoints import read_checkpoint_header
-from ..solver.diagnostics import format_diagnostics
+from ..solver.diagnostics import format_diagnostics, kept_as
 from ..solver.planning import parse_bytes
 from ..version import __version__
 from .config_checks import StoreInfo
@@ -115,8 +115,7 @@ def run_job(job: Job, *, echo=print, validate_seconds: float | None = None) -> d
         echo(f"  iteration {h['iteration']:>3}  loss {h['loss']:.5f}  objective {h['objective']:.5f}  "
              f"residual {_num(h.get('residual'))}  delta_w {_num(h.get('delta_w'))}  "
              f"gap {_num(h.get('spectral_gap'))}  {h['seconds']:.2f}s  {h.get('step', '')}")
-    kept = "the fixed point" if model.converged_ else (
-        "lowest loss" if model.similarity == "cosine" else "lowest objective")
+    kept = "the fixed point" if model.converged_ else kept_as(model)
     echo(f"  stopped ({model.stop_reason_}) after {model.n_iter_} iterations in {timings['fit']:.1f}s; "
          f"kept iteration {model.best_iteration_} ({kept})")
     for line in format_diagnostics(model.diagnostics_):

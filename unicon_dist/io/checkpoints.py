@@ -7,8 +7,9 @@ new one, never a torn file.  No pickle.
 
 Header keys: ``format``, ``version``, ``fingerprint`` (what the fit was run on, see
 below), ``iteration`` k (the last point evaluated), ``finished`` (converged, or k reached
-``max_iter``), ``converged``, ``history``, ``initial_loss``, ``best`` (criterion and
-iteration of the iterate kept so far), ``svd_solver``, ``n_features``,
+``max_iter``), ``converged``, ``history``, ``initial_loss``, ``best`` (``value``, what the
+iterate kept so far was chosen by -- its residual, or its criterion with ``loss_tol`` > 0 --
+and its ``iteration``), ``svd_solver``, ``n_features``,
 ``n_inputs``, ``maps`` (the feature maps, as :func:`unicon_dist.io.model_files.maps_state`
 writes them for a model file) and ``solver`` (the fixed-point policy's scalars and how
 the next point was made, :class:`unicon_dist.solver.fixed_point.FixedPointState`).
@@ -274,7 +275,7 @@ class CheckpointRun:
         -------
         dict
             ``iteration`` k, ``finished``, ``F1``, ``F2``, ``W`` (tensors of step k on
-            ``device``), ``best`` (criterion, iteration, F1, F2, W of the kept iterate),
+            ``device``), ``best`` (value, iteration, F1, F2, W of the kept iterate),
             ``history``, ``converged``, ``stop_reason``, ``initial_loss``.
 
         Raises
@@ -302,11 +303,8 @@ class CheckpointRun:
 
         k = int(h["iteration"])
         F1, F2, W = tensor("F1"), tensor("F2"), tensor("W")
-        objective, best_it = float(h["best"]["criterion"]), int(h["best"]["iteration"])
-        if "best_F1" not in a:  # written before the kept iterate had arrays of its own
-            best = (objective, k, F1, F2, W)
-        else:
-            best = (objective, best_it, tensor("best_F1"), tensor("best_F2"), tensor("best_W"))
+        value, best_it = float(h["best"]["value"]), int(h["best"]["iteration"])
+        best = (value, best_it, tensor("best_F1"), tensor("best_F2"), tensor("best_W"))
         return {"iteration": k, "finished": bool(h["finished"]), "F1": F1, "F2": F2, "W": W, "best": best,
                 "history": [dict(entry) for entry in h["history"]], "converged": bool(h["converged"]),
                 "stop_reason": h.get("stop_reason"), "initial_loss": float(h["initial_loss"]),
@@ -319,14 +317,15 @@ class CheckpointRun:
               solver=({}, {})) -> None:
         """Write the state after ``iteration`` atomically (the previous checkpoint survives a failure).
 
-        ``best`` is (criterion, iteration, F1, F2, W) of the kept iterate; ``maps`` the
+        ``best`` is (value, iteration, F1, F2, W) of the kept iterate, value being what it
+        was chosen by (its residual; its criterion with ``loss_tol`` > 0); ``maps`` the
         feature maps (map_x, map_y) of the fit; ``solver`` the fixed-point policy's state
         as (JSON header, arrays), the arrays stored under a ``solver_`` prefix.
         """
         map_specs, arrays = maps_state(*maps)
         arrays.update(F1=F1.cpu().numpy(), F2=F2.cpu().numpy(), W=W.cpu().numpy())
         arrays.update({f"solver_{k}": v for k, v in solver[1].items()})
-        objective, best_it = best[0], best[1]
+        value, best_it = best[0], best[1]
         # F1, F2, W are the next point to evaluate, so the kept iterate is always its own arrays
         arrays.update(best_F1=best[2].cpu().numpy(), best_F2=best[3].cpu().numpy(), best_W=best[4].cpu().numpy())
         header = {
@@ -337,7 +336,7 @@ class CheckpointRun:
             "converged": bool(converged),
             "history": history,
             "initial_loss": initial_loss,
-            "best": {"criterion": objective, "iteration": best_it},
+            "best": {"value": value, "iteration": best_it},
             "stop_reason": stop_reason,
             "svd_solver": svd_solver,
             "n_features": list(n_features),

@@ -13,8 +13,9 @@ what it did, and warned once (a RuntimeWarning) when the solve ends:
   sums in log space (slower, exact).
 - ``small spectral gap``: σ_r/σ_{r+1} < 1 + 1e-3 at the last step: the rank-r subspace,
   and so the embedding, is ill-determined (perturbations of C move it by ~1/(σ_r − σ_{r+1})).
-- ``lowest-loss iterate kept``: the iteration neither converged nor reached a loss plateau;
-  the iterate with the lowest loss was kept instead of the last.
+- ``lowest-residual iterate kept``: the iteration neither converged nor reached a loss
+  plateau; the iterate closest to a fixed point (lowest residual) was kept, which need not
+  be the last.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 
-__all__ = ["solve_diagnostics", "flatten_diagnostics", "format_diagnostics", "SMALL_GAP"]
+__all__ = ["kept_as", "solve_diagnostics", "flatten_diagnostics", "format_diagnostics", "SMALL_GAP"]
 
 SMALL_GAP = 1.0 + 1e-3
 
@@ -48,6 +49,17 @@ def _whitening(fmap):
 
 def _finite(values):
     return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def kept_as(model) -> str:
+    """Which iterate a fitted model kept, in words: "fixed point" when it converged, else
+    "lowest residual" (or "lowest loss"/"lowest objective" when ``loss_tol`` > 0, the
+    rule of :func:`unicon_dist.solver.fixed_point.solve`)."""
+    if getattr(model, "converged_", False):
+        return "fixed point"
+    if float(getattr(model, "loss_tol", 0.0) or 0.0) > 0:
+        return "lowest loss" if model.similarity == "cosine" else "lowest objective"
+    return "lowest residual"
 
 
 def solve_diagnostics(model, verification: dict | None = None, warn: bool = True) -> dict:
@@ -107,9 +119,9 @@ def solve_diagnostics(model, verification: dict | None = None, warn: bool = True
                                 f"(rank {model.rank}): the rank-r subspace is ill-determined; consider another rank"})
     reason = getattr(model, "stop_reason_", None)
     if reason == "max_iter" and not getattr(model, "converged_", False):
-        fired.append({"name": "lowest-loss iterate kept",
+        fired.append({"name": f"{kept_as(model)} iterate kept",
                       "detail": f"no fixed point or loss plateau in {len(history)} iterations; iteration "
-                                f"{getattr(model, 'best_iteration_', '?')} (the lowest loss) was kept",
+                                f"{getattr(model, 'best_iteration_', '?')} (the {kept_as(model)}) was kept",
                       "warned": True})
     out["safeguards"] = fired
     if warn:

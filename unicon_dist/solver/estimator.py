@@ -91,8 +91,8 @@ class UniCon:
         Weight of the regulariser (ρ/2)‖W‖²_F; W* = [C]_r / ρ.
     negatives : "auto", "full" or int
         All n² pairs, or a seeded split into batches of this size (one global SVD of
-        the block-diagonal problem).  "auto": full negatives up to 8,192 pairs (a full
-        pass then costs at most 4 batched ones), batches of 2,048 above
+        the block-diagonal problem).  "auto": full negatives up to 4,096 pairs (a full
+        pass then costs a few batched ones), batches of 1,024 above
         (:func:`unicon_dist.solver.layout.resolve_negatives`; the measurement is
         RESULTS §12).
     batch_split : {"random", "contiguous"}
@@ -195,7 +195,8 @@ class UniCon:
     converged_ : bool
     best_iteration_ : int
         The iterate kept: the certified fixed point when the iteration converged, else
-        the iterate with the lowest loss (cosine similarity; L + R for "dot").
+        the iterate of lowest residual (of lowest loss -- L + R for "dot" -- when
+        ``loss_tol`` > 0).
     stop_reason_ : {"converged", "loss plateau", "max_iter"}
     tol_ : float
         The tolerance the fit used (``tol``, or its default for the tile precision).

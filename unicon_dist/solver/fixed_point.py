@@ -89,7 +89,8 @@ class FixedPointOptions:
 class FixedPointState:
     """The iteration after step k: what a checkpoint holds and a resumed solve continues from.
 
-    ``best`` is (criterion, iteration, F1, F2, W) of the iterate kept so far; ``F1``,
+    ``best`` is (key, iteration, F1, F2, W) of the iterate kept so far (key: its residual,
+    or its criterion when ``loss_tol`` > 0); ``F1``,
     ``F2``, ``W`` are those of W_{k+1}, the next point to evaluate (of W_k when
     ``finished``); ``solver`` holds ``pending`` (how W_{k+1} was made, its ΔW and the
     step's σ̄) and ``policy`` (the policy's scalars, :meth:`AndersonSteps.state`), and
@@ -335,7 +336,8 @@ def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None
     encoders kept); "loss plateau", only with ``loss_tol`` > 0, when the criterion (L for
     cosine similarity, L + (ρ/2)‖W‖² for "dot") decreased by less than ``loss_tol``
     times its value; "max_iter".  Without convergence the iterate kept is the one of
-    lowest criterion, and a warning says its residual.
+    lowest residual (of lowest criterion when ``loss_tol`` > 0), and a warning says its
+    residual.
     """
     mx, my = shape
     matrix_free = options.matrix_free
@@ -410,10 +412,12 @@ def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None
         if options.verbose:
             logger.info("iteration %d: loss %.6g, residual %.3e (%s), %.2fs (%s)", it, loss, residual, pending["step"],
                         seconds, ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
-        # a converged fit keeps its certified fixed point, even when an iterate on the way
-        # had a slightly lower criterion
-        if best is None or criterion < best[0] or converged:
-            best = (criterion, it, F1, F2, W)
+        # the iterate kept is the one closest to the fixed point the fit claims (its
+        # certificate), or, where the user asked for a loss-plateau stop, the lowest loss;
+        # a converged fit keeps its certified fixed point in either case
+        key = criterion if options.loss_tol > 0 else residual
+        if best is None or key < best[0] or converged:
+            best = (key, it, F1, F2, W)
             best_C = None if matrix_free else C  # what a fast update folds new rows into
         op.release()
         op = C = None
@@ -433,15 +437,14 @@ def solve(make_operator, shape, options: FixedPointOptions, device, *, init=None
     last = history[-1]
     if stop_reason == "loss plateau":
         logger.info("UniCon stopped after %d iterations: the loss decreased by less than loss_tol=%.3g "
-                    "(residual %.3g); keeping iteration %d, the lowest loss", n_iter, options.loss_tol,
-                    last["residual"], best_iteration)
+                    "(residual %.3g); keeping iteration %d, the lowest %s", n_iter, options.loss_tol,
+                    last["residual"], best_iteration, "loss" if options.similarity == "cosine" else "objective")
     elif not converged:
         logger.warning(
-            "UniCon did not converge in %d iterations (last residual %.3g > tol %.3g, lowest %.3g); keeping "
-            "iteration %d, the lowest %s (residual %.3g)%s", n_iter, last["residual"], options.tol,
-            min(h["residual"] for h in history), best_iteration,
-            "loss" if options.similarity == "cosine" else "objective", history[best_iteration - 1]["residual"],
-            _no_fixed_point_hint(history, options),
+            "UniCon did not converge in %d iterations (last residual %.3g > tol %.3g); keeping iteration %d, "
+            "the lowest %s (residual %.3g)%s", n_iter, last["residual"], options.tol, best_iteration,
+            ("loss" if options.similarity == "cosine" else "objective") if options.loss_tol > 0 else "residual",
+            history[best_iteration - 1]["residual"], _no_fixed_point_hint(history, options),
         )
     verification = None
     if options.verify is not None and verifier_operator is not None:

@@ -25,11 +25,15 @@ BATCH_SPLITS = ("random", "contiguous")
 
 
 # negatives="auto": full negatives up to AUTO_FULL_ROWS pairs, batches of AUTO_BATCH above.
-# Measured (benchmarks/bench_negatives.py, RESULTS §12): at n = 8,192 a full pass costs
-# 3.5 passes of B = 2048, past 12k more than 4.  Held-out R@1 is the same for B from 512 to
-# 8192 on Fashion-MNIST (0.542-0.545) and WordNet (0.117-0.118), and B = 1024 was 1.4x faster
-# than 2048 on both; 2048 is kept for now (every benchmark of issue 18 ran with it).
-AUTO_BATCH = 2048
+# Measured (benchmarks/bench_negatives.py, RESULTS §12): held-out R@1 is the same for B from
+# 512 to 8192 on Fashion-MNIST (0.542-0.545) and WordNet (0.117-0.118) while the cost grows
+# with B; B = 1024 costs 0.91 s per iteration on Fashion-MNIST (60k rows) against 1.51 s for
+# 2048 and 0.88 s for 512 (on WordNet 40k: 2.0, 2.9 and 1.0 s).  1024 rather than 512 keeps
+# each pass to half as many batches (kernel launches on a GPU, RESULTS §10), at up to 2x
+# the CPU cost of 512 (WordNet).
+# A full pass at n = 4,000 costs 1.65 passes of B = 1024, so full negatives stay within a few
+# batched passes up to 4 B.
+AUTO_BATCH = 1024
 AUTO_FULL_ROWS = 4 * AUTO_BATCH
 
 
