@@ -17,7 +17,7 @@ whiten     None, 1e-3, 1e-2, 1e-1
 
 Values equal to the default are not refitted (the default row stands for them).  Combined
 settings are extra rows given as JSON with ``--combo``.  Per row: test R@1 (x→y, y→x, mean),
-``stop_reason_``, ``n_iter_``, the kept iteration (lowest loss), the certified residual of
+``stop_reason_``, ``n_iter_``, the kept iteration (lowest residual unless converged), the certified residual of
 the kept iterate and the lowest one of the run, fit seconds.  Rows are merged by name into ``benchmarks/results/gap.json``.
 
 Reproduce (2 cores, nothing else running)::
