@@ -31,6 +31,7 @@ RANKS = {
     "execution": 5,
     "baselines": 5,
     "apps": 6,
+    "integrations": 6,
 }
 FACADE = "__init__"
 

@@ -27,6 +27,8 @@ from .solver.planning import PanelPlan, TilePlan, plan_panels, plan_tiles
 from .math.linalg import randomized_svd
 from .data.store import PairStore
 from .solver.operator import CrossProductOperator, weighted_cross_product
+from .io.head_files import load_heads
+from .math.heads import NystroemFeatures
 
 __all__ = [
     "__version__",
@@ -55,4 +57,6 @@ __all__ = [
     "RayExecutor",
     "plan_panels",
     "PanelPlan",
+    "load_heads",
+    "NystroemFeatures",
 ]

@@ -24,6 +24,7 @@ from ..math.nystrom import LANDMARK_METHODS
 from ..math.validation import check_matrix, resolve_device, resolve_dtype
 from .fit_paths import budget_bytes, fit as fit_model, memory_plan as plan_memory
 from .anderson import POLICIES
+from .exports import HeadExports
 from .fixed_point import svd_plan
 from .layout import make_batches
 from .refit import lineage, refit as refit_version
@@ -35,7 +36,7 @@ SIMILARITIES = ("cosine", "dot")
 SVD_SOLVERS = ("auto", "exact", "randomized")
 
 
-class UniCon:
+class UniCon(HeadExports):
     """Closed-form contrastive alignment of two views (Sui, Wang & Do, ICLR 2026).
 
     Encoders f(x) = F1 φ_x(x) and g(y) = F2 φ_y(y) in R^r are found by a fixed
