@@ -30,6 +30,7 @@ from unicon_dist.io.artifacts import ArtifactError
 
 CASES = {
     "linear": dict(),
+    "linear-orthonormal": dict(factorization="orthonormal"),
     "linear-raw-dot": dict(whiten=None, center=False, similarity="dot"),
     "rbf": dict(kernel="rbf", n_landmarks=40),
     "laplacian-orthonormal": dict(kernel="laplacian", n_landmarks=40, factorization="orthonormal"),
