@@ -5,7 +5,9 @@ passes run over the feature rows in memory.  A pair store -- and arrays under a 
 through :class:`~unicon_dist.data.rows.ArrayPairs` -- take the panel path
 (:func:`fit_store`): everything n-sized stays where the rows are, a pass reads them panel
 by panel, and the panels, tiles and every other buffer of the fit come out of
-``memory_budget`` (:func:`plan_passes`, before any row is read).
+``memory_budget`` (:func:`plan_passes`, before any row is read).  There a whitening
+stage is folded into the encoders (:mod:`.folded`): panels are only centred, and the
+whitening matrices multiply C once per iteration.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..io.checkpoints import CheckpointRun, array_fingerprint, store_fingerprint
 from ..math.positives import canonical_groups
 from ..math.validation import check_matrix, check_same_rows
 from ..math.whitening import FeatureWhitening
+from . import folded
 from .executor import Executor, LocalExecutor
 from .feature_maps import MOMENT_ROWS, MapFitter, base_map, carry_encoder, landmark_counts
 from .fixed_point import prepare_estimator, solve_estimator, svd_plan
@@ -351,24 +354,34 @@ def fit_store(model, store, groups, executor, loss_fn, kernels, device, dtype, *
     options = PassOptions(loss=model.loss_fn_, negatives=model.negatives, batch_split=model.batch_split,
                           seed=model.seed, norm_bound=(1.0, 1.0) if cosine else None, device=device)
 
-    def make_operator(F1, F2):
+    fitted = (model.map_x_, model.map_y_)
+    # whitening folded into the encoders (solver/folded.py): every panel load then only
+    # centres its features, and A multiplies C once per iteration instead
+    fold = folded.foldable(fitted)
+
+    def rows_of(F1, F2, precision):
         # a picklable loader: a Ray worker reopens the store from its path
-        loader = StoreRows(str(store.path), model.map_x_, model.map_y_, F1, F2, similarity, dtype, str(device),
-                           _store=store)
-        return executor.cross_product_operator(
-            loader, n, (mx, my), 1 if F1 is None else int(model.rank), plan=plan, groups=groups,
+        stages, (E1, E2) = folded.folded_loader_parts(fitted, (F1, F2)) if fold else (fitted, (F1, F2))
+        return StoreRows(str(store.path), *stages, E1, E2, similarity, precision, str(device), _store=store)
+
+    def folding(op):
+        return folded.FoldedOperator(op, *(getattr(m, "matrix", None) for m in fitted)) if fold else op
+
+    def make_operator(F1, F2):
+        return folding(executor.cross_product_operator(
+            rows_of(F1, F2, dtype), n, (mx, my), 1 if F1 is None else int(model.rank), plan=plan, groups=groups,
             options=PassOptions.of(options, constant=F1 is None, dtype=dtype,
                                    progress=LogProgress(logger, rows=n) if model.verbose else None),
-        )
+        ))
 
     def verifier_operator(F1, F2, precision):
-        # on the driver, panel by panel, whatever executes the fit's passes
-        loader = StoreRows(str(store.path), model.map_x_, model.map_y_, F1, F2, similarity, precision,
-                           str(device), _store=store)
-        return LocalExecutor().cross_product_operator(
-            loader, n, (mx, my), int(model.rank), plan=verify_plan if precision == torch.float64 else plan,
+        # on the driver, panel by panel, whatever executes the fit's passes; folded as the
+        # fit's passes are, so the float64 twin checks the computation the fit made
+        return folding(LocalExecutor().cross_product_operator(
+            rows_of(F1, F2, precision), n, (mx, my), int(model.rank),
+            plan=verify_plan if precision == torch.float64 else plan,
             groups=groups, options=PassOptions.of(options, dtype=precision),
-        )
+        ))
 
     return solve_estimator(model, make_operator, driver, init=start, sigma_start=sigma_start, checkpoint=checkpoint,
                            verifier_operator=verifier_operator, dtype=dtype)
