@@ -93,10 +93,17 @@ def test_store_fit_equals_in_memory_fit(stores, name, options, budget):
         limit = model.plan_.panel_rows + (0 if g is None else np.bincount(g).max())
         assert all(r <= limit or (r <= 1000 and "kernel" in str(options)) for r in spy.reads)
     assert model.n_iter_ == ref.n_iter_ == 2
-    np.testing.assert_allclose(model.W_, ref.W_, rtol=0, atol=2e-5 * np.abs(ref.W_).max())
+    # a store fit folds whitening into the encoders (solver/folded.py): the two paths then
+    # round differently, by as much as float32 rounds either against float64 (measured
+    # 3.5e-5 folded, 2.6e-5 in memory, relative to max|W|); without whitening they repeat
+    # the same operations and agree more tightly
+    whitened = any(getattr(m, "matrix", None) is not None for m in (model.map_x_, model.map_y_))
+    np.testing.assert_allclose(model.W_, ref.W_, rtol=0, atol=(1e-4 if whitened else 2e-5) * np.abs(ref.W_).max())
     np.testing.assert_allclose([h["loss"] for h in model.history_], [h["loss"] for h in ref.history_], rtol=2e-6)
     assert model.initial_loss_ == pytest.approx(ref.initial_loss_, rel=1e-6)
-    np.testing.assert_allclose(model.encode_x(X[:50]), ref.encode_x(X[:50]), atol=2e-4)
+    # (the embeddings' last of r = 6 directions carries W's round-off amplified by its small
+    # singular value: measured 3e-4 with the fold)
+    np.testing.assert_allclose(model.encode_x(X[:50]), ref.encode_x(X[:50]), atol=1e-3 if whitened else 2e-4)
     if name == "plain" and (options.get("batch_split") == "contiguous" or options == {}):
         assert spy.kinds == {"slice"}  # panels of consecutive rows are read as ranges
     if "svd_power_iter" in options:
