@@ -50,6 +50,52 @@ def features(A: torch.Tensor, fmap: NystroemMap | None, dtype) -> torch.Tensor:
     return A.to(dtype) if fmap is None else fmap.transform(A, dtype=dtype)
 
 
+class HostToDevice:
+    """Copies of host arrays to a CUDA device, through pinned memory on a stream of their own.
+
+    A copy from pageable memory is synchronous: the host waits until the GPU has drained
+    the work queued before it (the previous panel's tiles) and then for the copy itself.
+    From pinned memory, on a copy stream, the transfer overlaps that work and the host goes
+    on; the current stream waits for the copy before it uses the result (after the
+    "pinned memory and non_blocking" guide of the PyTorch tutorials).
+
+    Parameters
+    ----------
+    device : torch.device
+        A CUDA device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._in_flight: list = []
+
+    def __call__(self, *arrays) -> list[torch.Tensor]:
+        """``arrays`` (numpy arrays or tensors) on the device, ready for the current stream."""
+        host = [torch.as_tensor(a) for a in arrays]
+        if any(t.device.type != "cpu" for t in host):
+            # already on a device (in-memory views): nothing to stage
+            return [t.to(self.device) for t in host]
+        # the staged sources stay referenced until their copies have run (the events say
+        # when), so that their pinned memory is not reused under a copy in flight
+        self._in_flight = [(event, staged) for event, staged in self._in_flight if not event.query()]
+        # a second host copy of the read rows (cached by torch's pinned allocator): on CUDA
+        # the host holds no features, which the panel plan counts, so it fits the budget
+        staged = [t.pin_memory() for t in host]
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            out = [t.to(self.device, non_blocking=True) for t in staged]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self._in_flight.append((event, staged))
+        current.wait_stream(self.stream)
+        for t in out:
+            # allocated on the copy stream, used on the current one: the allocator must not
+            # hand their memory to the next copy while the current stream still reads it
+            t.record_stream(current)
+        return out
+
+
 @dataclass
 class StoreRows:
     """``loader(rows) -> (Φ_X, Φ_Y, z_x, z_y)`` for rows of the pair store at ``path``.
@@ -64,7 +110,9 @@ class StoreRows:
         Current encoders; None for the first step (s = 0).
     similarity : {"cosine", "dot"}
     dtype, device
-        Precision and device of the returned tensors.
+        Precision and device of the returned tensors.  On CUDA the read rows go through
+        :class:`HostToDevice` (pinned memory, a copy stream), so that the host does not wait
+        for the GPU to finish the previous panel before this one is copied.
     """
 
     path: str
@@ -77,10 +125,12 @@ class StoreRows:
     device: str = "cpu"
     _store: object = field(default=None, repr=False, compare=False)
     seconds: dict = field(default_factory=lambda: {"read": 0.0, "features": 0.0}, repr=False, compare=False)
+    _copies: object = field(default=None, init=False, repr=False, compare=False)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_store"] = None  # reopened where the loader runs
+        state["_copies"] = None  # a CUDA stream and pinned buffers: made again where the loader runs
         state["seconds"] = {"read": 0.0, "features": 0.0}
         return state
 
@@ -94,8 +144,12 @@ class StoreRows:
         x, y, _ = self._store.read(rows)
         t1 = time.perf_counter()
         dev = torch.device(self.device)
-        X = torch.as_tensor(x, device=dev)
-        Y = torch.as_tensor(y, device=dev)
+        if dev.type == "cuda":
+            if self._copies is None:
+                self._copies = HostToDevice(dev)
+            X, Y = self._copies(x, y)
+        else:
+            X, Y = torch.as_tensor(x, device=dev), torch.as_tensor(y, device=dev)
         out = embed(features(X, self.map_x, self.dtype), features(Y, self.map_y, self.dtype),
                     self.F1, self.F2, self.similarity)
         self.seconds["read"] += t1 - t0

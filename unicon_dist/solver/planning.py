@@ -12,11 +12,14 @@ import numbers
 import re
 from dataclasses import dataclass
 
+import torch
+
 from ..math.nystrom import plan_feature_rows
 
 __all__ = [
     "parse_bytes", "format_bytes", "TilePlan", "plan_tiles", "plan_feature_rows", "PanelPlan", "plan_panels",
-    "step_bytes", "feature_map_bytes", "feature_transform_row_bytes", "landmark_selection_bytes",
+    "device_tile_budget", "cuda_free_bytes", "step_bytes", "feature_map_bytes", "feature_transform_row_bytes",
+    "landmark_selection_bytes",
 ]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
@@ -264,6 +267,78 @@ def plan_panels(
         )
     rows = int(min(rows, n))
     return PanelPlan(rows, int(tile), int(row), int(fixed), budget, int(per_row))
+
+
+# Out-of-core fits on a GPU: the host budget bounds the panels in host RAM, and tiles cut
+# to its share (at most _TILE_BYTES) leave each GPU iteration launch-bound (RESULTS §10), so
+# there the tiles are sized from the device instead.  They share it with what the host plan
+# does not count against the GPU -- two resident panels, pass 2's accumulator, the per-pair
+# statistics, the step's C and SVD, the allocator's fragmentation -- so they take at most a
+# quarter of the memory the allocator could still hand out, leaving three quarters to the rest.
+_DEVICE_FREE_FRACTION = 4
+
+
+def cuda_free_bytes(device) -> int | None:
+    """Bytes the caching allocator could still hand out on a CUDA ``device``.
+
+    The driver's free memory (``torch.cuda.mem_get_info``) plus the blocks the allocator
+    holds but no tensor uses: those are free to this process, and without them a second
+    iteration would see less memory than the first (the first one's tiles stay cached).
+
+    Returns
+    -------
+    int or None
+        None when this process has no CUDA (e.g. a Ray driver planning for GPU workers).
+    """
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _power_of_two_below(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1) if n > 0 else 0
+
+
+def device_tile_budget(device, floor: int = 0, *, itemsize: int = 4, free_bytes=None) -> int:
+    """Tile budget (bytes) of a pass whose tiles are computed on ``device``.
+
+    On CUDA: the default of an in-memory fit (1 GiB of float32 tiles), capped so that the
+    same tiles in float64 take at most a quarter of :func:`cuda_free_bytes` (rounded down
+    to a power of two), and never below ``floor``.  Elsewhere: ``floor`` unchanged.
+
+    The budget is one element count in every precision (bytes scale with ``itemsize``):
+    a float32 fit and its float64 verifier then cut their tiles alike, as the verifier's
+    tile-by-tile comparison requires (the host plans scale their tile budgets the same way).
+
+    Parameters
+    ----------
+    device : str or torch.device
+        Where the tiles are computed.
+    floor : int
+        The host plan's tile budget (:attr:`PanelPlan.tile_budget`); on CUDA the result is
+        at least this, elsewhere it is this.
+    itemsize : int
+        Bytes per element of the tile arithmetic.
+    free_bytes : callable, optional
+        ``free_bytes(device) -> int or None``, the memory available on the device (default
+        :func:`cuda_free_bytes`; None: not measurable here, the default is not capped).
+
+    Returns
+    -------
+    int
+    """
+    device = torch.device(device)
+    if device.type not in _DEFAULT_DEVICE_TILE_BYTES:
+        return int(floor)
+    # bytes of the float64 tiles: twice the float32 default
+    widest = 2 * _DEFAULT_DEVICE_TILE_BYTES[device.type]
+    available = (cuda_free_bytes if free_bytes is None else free_bytes)(device)
+    if available is not None:
+        # the power of two keeps the cut (and so the summation order) from changing with
+        # small changes in free memory between iterations, or between a fit and its verifier
+        widest = min(widest, _power_of_two_below(available // _DEVICE_FREE_FRACTION))
+    return max(int(floor), widest * int(itemsize) // 8)
 
 
 def step_bytes(features_x: int, features_y: int, rank: int, *, matrix_free: bool = False,
