@@ -3,8 +3,12 @@
 For each size n the script runs, each in a fresh Python subprocess (so that the
 peak RSS belongs to one configuration only):
 
-* ``streamed``: ``unicon_dist.weighted_cross_product`` (CLIP, τ = 0.07), which
-  streams the similarity tiles twice and never forms the n × n matrix S;
+* ``streamed``: ``unicon_dist.weighted_cross_product`` (CLIP, τ = 0.07) on the tiled
+  passes (``fused="off"``), which stream the similarity tiles twice and never form the
+  n × n matrix S;
+* ``fused``: the same call through the fused attention kernels (``fused="attention"``,
+  :mod:`unicon_dist.solver.fused`): two kernel calls, queries z_x/τ and z_y, values Φ_Y
+  and Φ_X, each returning its log-sum-exp;
 * ``dense`` (n ≤ --dense-max): s = z_x z_yᵀ (float32), S = similarity_weights(s),
   C = Φ_Xᵀ (S Φ_Y) — all of it in memory.
 
@@ -23,6 +27,9 @@ Nominal flop counts used for the GFLOP/s columns:
   once (2n²r), pass 2 forms them again (2n²r) and multiplies the tile by Φ_Y (2n²m),
   plus the final Φ_Xᵀ R products (2n·m_x·m_y);
 * dense: F = 2n²(r + m) + 2n·m_x·m_y — s once, S Φ_Y, Φ_Xᵀ (S Φ_Y);
+* fused: the same nominal F as streamed (so the two rates compare times), and its own
+  work, 2·2n²(max(r,m) + max(r,m)) + 2·2n·m_x·m_y (two kernels, each forming the scores
+  once at the padded width and multiplying by its values), in the JSON as ``own_gflops``;
 * attention: 2n²(r + m) (QKᵀ and PV).
 
 Elementwise work (exp, reductions) is not counted in any of them.
@@ -67,6 +74,11 @@ def flops_dense(n: int, r: int, m: int) -> float:
     return 2.0 * n * n * (r + m) + 2.0 * n * m * m
 
 
+def flops_fused_own(n: int, r: int, m: int) -> float:
+    w = max(r, m)
+    return 2.0 * 2 * n * n * (w + w) + 2.0 * 2 * n * m * m
+
+
 def flops_attention(n: int, r: int, m: int) -> float:
     return 2.0 * n * n * (r + m)
 
@@ -96,10 +108,12 @@ def _product(method: str):
 
     import unicon_dist
 
-    if method == "streamed":
+    if method in ("streamed", "fused"):
+        fused = "off" if method == "streamed" else "attention"
 
         def run(phi_x, phi_y, z_x, z_y):
-            return unicon_dist.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss="clip", temperature=TEMPERATURE)
+            return unicon_dist.weighted_cross_product(phi_x, phi_y, z_x, z_y, loss="clip", temperature=TEMPERATURE,
+                                                      fused=fused)
 
     elif method == "dense":
 
@@ -154,7 +168,7 @@ def worker_product(args) -> dict:
         "torch_threads": torch.get_num_threads(),
         "finite": bool(torch.isfinite(C).all()),
     }
-    if args.worker == "streamed":
+    if args.worker in ("streamed", "fused"):
         try:
             from unicon_dist.solver.planning import plan_tiles
 
@@ -239,17 +253,21 @@ def _fmt(x, spec):
 
 
 def markdown_table(rows: list[dict], gemm: float | None) -> str:
-    head = "| n | method | seconds | GFLOP/s | % of GEMM | peak RSS (MiB) | RSS increment (MiB) | rel. diff |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| n | method | seconds | GFLOP/s | % of GEMM | own GFLOP/s (% of GEMM) | peak RSS (MiB) | "
+            "RSS increment (MiB) | rel. diff |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['method']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['n']} | {r['method']} | failed: {r['error']} | | | | | | |")
             continue
         pct = None if gemm is None else 100.0 * r["gflops"] / gemm
         rel = r.get("rel_diff")
+        own = r.get("own_gflops")
+        own_s = "—" if own is None else f"{own:.1f} ({_fmt(None if gemm is None else 100.0 * own / gemm, '.1f')})"
+        rel_s = _fmt(rel, ".2e") + ("" if rel is None else f" vs {r.get('rel_diff_to')}")
         lines.append(
-            f"| {r['n']} | {r['method']} | {r['seconds']:.3f} | {r['gflops']:.1f} | {_fmt(pct, '.1f')} | "
-            f"{r['peak_rss_mib']:.0f} | {r['rss_increment_mib']:.0f} | {_fmt(rel, '.2e')} |"
+            f"| {r['n']} | {r['method']} | {r['seconds']:.3f} | {r['gflops']:.1f} | {_fmt(pct, '.1f')} | {own_s} | "
+            f"{r['peak_rss_mib']:.0f} | {r['rss_increment_mib']:.0f} | {rel_s} |"
         )
     return "\n".join(lines)
 
@@ -306,7 +324,7 @@ def driver(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             paths = {}
-            for method in ("dense", "streamed"):
+            for method in ("dense", "streamed", "fused"):
                 if method == "dense" and n > args.dense_max:
                     continue
                 paths[method] = os.path.join(tmp, f"C_{method}_{n}.npy")
@@ -315,21 +333,27 @@ def driver(args) -> None:
                 res.setdefault("method", method)
                 res.setdefault("n", n)
                 if "error" not in res:
-                    f = (flops_streamed if method == "streamed" else flops_dense)(n, r, m)
+                    f = (flops_dense if method == "dense" else flops_streamed)(n, r, m)
                     res["flops"] = f
                     res["gflops"] = f / res["seconds"] / 1e9
+                    if method == "fused":
+                        res["own_gflops"] = flops_fused_own(n, r, m) / res["seconds"] / 1e9
                     if gemm:
                         res["pct_of_gemm"] = 100.0 * res["gflops"] / gemm
                 rows.append(res)
                 save()
             ok = {mth: p for mth, p in paths.items()
                   if os.path.exists(p) and not any("error" in x for x in rows if x["n"] == n and x["method"] == mth)}
-            if "dense" in ok and "streamed" in ok:
-                Cd, Cs = np.load(ok["dense"]), np.load(ok["streamed"])
-                rel = float(np.abs(Cs - Cd).max() / np.abs(Cd).max())
-                for x in rows:
-                    if x["n"] == n and "error" not in x:
-                        x["rel_diff"] = rel
+            # against dense where it ran, else the fused C against the streamed one
+            ref = "dense" if "dense" in ok else "streamed"
+            for mth in ok:
+                if mth != ref and ref in ok:
+                    Cr, Cm = np.load(ok[ref]), np.load(ok[mth])
+                    rel = float(np.abs(Cm - Cr).max() / np.abs(Cr).max())
+                    for x in rows:
+                        if x["n"] == n and x["method"] == mth and "error" not in x:
+                            x["rel_diff"] = rel
+                            x["rel_diff_to"] = ref
                 save()
 
     lines = [
@@ -353,7 +377,7 @@ def driver(args) -> None:
         "GFLOP/s: streamed F = 2n²(2r+m) + 2n·m_x·m_y (two passes), dense F = 2n²(r+m) + 2n·m_x·m_y; "
         "elementwise work not counted.",
         "Peak RSS = VmHWM of the worker process (includes the inputs); increment = peak − RSS just before the timed call.",
-        "rel. diff = max|C_streamed − C_dense| / max|C_dense| (dense in float32).",
+        "rel. diff = max|C − C_ref| / max|C_ref|, C_ref the dense C (float32) where it ran, else the streamed one.",
         "",
         markdown_table(rows, gemm),
     ]
@@ -379,7 +403,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--sdpa-n", type=int, default=SDPA_N, help="n of the attention reference")
     # internal: one measurement in this (fresh) process
-    p.add_argument("--worker", choices=["streamed", "dense", "machine"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["streamed", "fused", "dense", "machine"], help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--save-c", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -10,6 +10,13 @@ run against two commits on one machine, back to back::
 
 Each run warms up once, then fits ``--repeats`` times (3 iterations each, no early stop) and
 prints one JSON line: the commit, the mean seconds per iteration of each fit, and the loss.
+
+``--fused {auto,off,attention}`` sets how one-to-one CLIP batches are computed
+(:mod:`unicon_dist.solver.fused`; a commit without that module ignores it): ``off`` is the
+tiled two-pass path, ``attention`` the fused kernels, so both run from one checkout::
+
+    python benchmarks/bench_iteration.py --n 200000 --d 128 --rank 128 --fused off
+    python benchmarks/bench_iteration.py --n 200000 --d 128 --rank 128 --fused attention
 """
 
 from __future__ import annotations
@@ -48,7 +55,14 @@ def main(argv=None) -> int:
     p.add_argument("--negatives", type=int, default=4096)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--fused", choices=["auto", "off", "attention"], default="auto")
     args = p.parse_args(argv)
+    try:
+        from unicon_dist.solver import fused
+
+        fused.FORCE = args.fused
+    except ImportError:  # a commit before the fused path: the tiled passes only
+        pass
     X, Y = pairs(args.n, args.d)
     opts = dict(rank=args.rank, negatives=args.negatives, device=args.device, seed=0)
     ud.UniCon(max_iter=1, **opts).fit(X[:5000], Y[:5000])

@@ -9,7 +9,7 @@ import torch
 
 import unicon_dist as ud
 from unicon_dist.math.losses import get_loss
-from unicon_dist.solver import passes
+from unicon_dist.solver import passes, products
 from unicon_dist.solver.executor import Executor, LocalExecutor
 from unicon_dist.solver.layout import Layout, assign_panels, shared_batches
 from unicon_dist.solver.options import PassOptions
@@ -42,7 +42,7 @@ def _context(tensors, options, groups=None):
 
 
 def _tile(ctx, stats):
-    fn = passes.exp_weight_tile if ctx.exp else passes.general_weight_tile
+    fn = products.exp_weight_tile if ctx.exp else products.general_weight_tile
     return lambda b, *rest: fn(ctx, stats[b.key], b, *rest)
 
 
@@ -93,9 +93,9 @@ def test_split_ownership_equals_one_owner(dtype, loss, negatives, grouped, scale
                     assert float((v[finite] - b[key][finite]).abs().max()) <= tol, key
     assert passes.loss_value(merged, n) == pytest.approx(passes.loss_value(whole, n), rel=8 * k * eps)
 
-    C = passes.product(ctx, whole, None, _tile(ctx, whole))
-    parts = [passes.product(ctx, merged, o, _tile(ctx, merged)) for o in owners]
-    C_split = passes.merge_products(parts)
+    C = products.product(ctx, whole, None, _tile(ctx, whole))
+    parts = [products.product(ctx, merged, o, _tile(ctx, merged)) for o in owners]
+    C_split = products.merge_products(parts)
     # the owners' parts are other groupings of the same float64 sum of tile products; the
     # tiles themselves can differ where a statistic stored in the tile dtype rounded the
     # other way above (one unit of that dtype), so the bound is in the tile dtype's units

@@ -235,12 +235,16 @@ def fit_in_memory(model, X, Y, groups, fitter, kernels, loss_fn, device, dtype, 
     prepare_estimator(model, loss_fn, X.shape[1], Y.shape[1], phi_x.shape[1], phi_y.shape[1])
     model.data_ = {"source": "arrays", "n_rows": int(X.shape[0]), "dim_x": int(X.shape[1]), "dim_y": int(Y.shape[1])}
 
+    matrix_free = svd_plan(model.svd, model.rank, model.svd_oversampling, model.svd_power_iter,
+                           phi_x.shape[1], phi_y.shape[1])[1]
+
     def operator(F1, F2, phi=(phi_x, phi_y)):
         # S(γ) at the encoders over in-memory features; F1 = None means s = 0
         return CrossProductOperator(
             *embed(*phi, F1, F2, str(model.similarity)), loss=model.loss_fn_, negatives=model.negatives,
             batch_split=model.batch_split, groups=groups, seed=model.seed,
             progress=LogProgress(logger, rows=phi[0].shape[0]) if model.verbose else None,
+            matrix_free=matrix_free,
         )
 
     def verifier_operator(F1, F2, precision):
@@ -351,8 +355,10 @@ def fit_store(model, store, groups, executor, loss_fn, kernels, device, dtype, *
     if model.verbose:
         logger.info("fit from %s: %d pairs in panels of %d rows (%s)", store.path, n, plan.panel_rows, executor)
     similarity, cosine = str(model.similarity), str(model.similarity) == "cosine"
+    matrix_free = svd_plan(model.svd, model.rank, model.svd_oversampling, model.svd_power_iter, mx, my)[1]
     options = PassOptions(loss=model.loss_fn_, negatives=model.negatives, batch_split=model.batch_split,
-                          seed=model.seed, norm_bound=(1.0, 1.0) if cosine else None, device=device)
+                          seed=model.seed, norm_bound=(1.0, 1.0) if cosine else None, device=device,
+                          matrix_free=matrix_free)
 
     fitted = (model.map_x_, model.map_y_)
     # whitening folded into the encoders (solver/folded.py): every panel load then only

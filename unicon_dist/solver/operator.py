@@ -34,7 +34,7 @@ import torch
 from ..math import weights as W
 from ..math.validation import check_matrix, check_same_rows, resolve_device, resolve_dtype
 from ..math.losses import ContrastiveLoss, get_loss
-from . import passes
+from . import passes, products
 from .layout import BATCH_SPLITS, Layout
 from .options import PassOptions
 from .panels import PanelSource, Scratch, TensorRows
@@ -86,6 +86,11 @@ class CrossProductOperator:
         Positions per panel (default: all rows in one panel).
     batch_split : {"random", "contiguous"}
         How ``negatives=B`` cuts the rows into batches (see :func:`make_batches`).
+    fused : {"auto", "off", "attention"}
+        One-to-one CLIP batches through fused attention kernels, both passes in one
+        (:mod:`unicon_dist.solver.fused`): "auto" where that is faster and as accurate.
+    matrix_free : bool
+        Products with thin Ω will follow rather than :meth:`materialize` (read by "auto").
 
     Attributes
     ----------
@@ -106,7 +111,8 @@ class CrossProductOperator:
     def __init__(self, phi_x, phi_y, z_x, z_y, loss="clip", temperature: float = 0.07, nu: float = 1.0,
                  negatives="full", groups=None, seed: int = 0, block_rows: int | None = None,
                  block_cols: int | None = None, memory_budget: int | None = None, device=None, dtype=None,
-                 progress=None, panel_rows: int | None = None, batch_split: str = "random"):
+                 progress=None, panel_rows: int | None = None, batch_split: str = "random", fused: str = "auto",
+                 matrix_free: bool = False):
         zx = check_matrix(z_x, "z_x")
         zy = check_matrix(z_y, "z_y")
         device = resolve_device(device) if device is not None else zx.device
@@ -123,7 +129,7 @@ class CrossProductOperator:
                               batch_split=batch_split, panel_rows=panel_rows, block_rows=block_rows,
                               block_cols=block_cols, memory_budget=memory_budget,
                               constant=not bool(zx.any()) or not bool(zy.any()), device=device, dtype=dtype,
-                              progress=progress)
+                              progress=progress, fused=fused, matrix_free=matrix_free)
         self._setup(TensorRows(phi_x, phi_y, zx, zy), n, (phi_x.shape[1], phi_y.shape[1]), zx.shape[1], options,
                     groups)
 
@@ -254,8 +260,9 @@ class CrossProductOperator:
         self._ctx.source.use_published(fetch)
 
     def release(self) -> None:
-        """Drop the cached panels and scratch tiles (the statistics are kept)."""
+        """Drop the cached panels, scratch tiles and fused parts of C (the statistics are kept)."""
         self._ctx.source.release()
+        self._ctx.fused_parts.clear()
         self._ctx.scratch.clear()
 
     def phase_seconds(self) -> dict:
@@ -269,10 +276,10 @@ class CrossProductOperator:
     # ------------------------------------------------------------- pass 2
     # the tile hooks are methods so that a test can corrupt one tile (tests/test_diagnostics.py)
     def _tile_exp(self, b, P, Q, i0, i1, j0, j1) -> torch.Tensor:
-        return passes.exp_weight_tile(self._ctx, self._stats[b.key], b, P, Q, i0, i1, j0, j1)
+        return products.exp_weight_tile(self._ctx, self._stats[b.key], b, P, Q, i0, i1, j0, j1)
 
     def _tile_general(self, b, P, Q, i0, i1, j0, j1) -> torch.Tensor:
-        return passes.general_weight_tile(self._ctx, self._stats[b.key], b, P, Q, i0, i1, j0, j1)
+        return products.general_weight_tile(self._ctx, self._stats[b.key], b, P, Q, i0, i1, j0, j1)
 
     def _tile(self):
         return self._tile_exp if self._ctx.exp else self._tile_general
@@ -285,7 +292,7 @@ class CrossProductOperator:
         """This instance's share of (Φ_X Ω_x)ᵀ S (Φ_Y Ω_y), float64 (Ω None: the identity;
         all of it unless built with ``owned``); Ω in the operator's dtype and device."""
         t0 = time.perf_counter()
-        C = passes.product(self._ctx, self._stats, self._owner, self._tile(), omega_x, omega_y)
+        C = products.product(self._ctx, self._stats, self._owner, self._tile(), omega_x, omega_y)
         self._seconds["product"] += time.perf_counter() - t0
         return C
 
@@ -309,12 +316,12 @@ class CrossProductOperator:
         Tiles of a constant batch (s ≡ 0, the first step) are not listed: that pass never
         forms them.
         """
-        return passes.tile_keys(self._ctx, self._stats, self._owner)
+        return products.tile_keys(self._ctx, self._stats, self._owner)
 
     def tile_product(self, key) -> torch.Tensor:
         """One tile's part of C, Φ_X[I]ᵀ S[I, J] Φ_Y[J] (float64, formed in the tile dtype),
         for a ``key`` of :meth:`tile_keys`; the parts of all keys sum to :meth:`materialize`."""
-        return passes.tile_product(self._ctx, self._tile(), key)
+        return products.tile_product(self._ctx, self._tile(), key)
 
     # ------------------------------------------------------- kept for tests/test_devices.py
     @property
@@ -344,6 +351,7 @@ def weighted_cross_product(
     device=None,
     dtype=None,
     progress=None,
+    fused: str = "auto",
 ):
     """C = Φ_Xᵀ S(γ)(z_x z_yᵀ) Φ_Y, streamed in tiles; S(γ) is never formed.
 
@@ -363,6 +371,8 @@ def weighted_cross_product(
         Where and in which precision the tiles are computed.
     progress : callable, optional
         ``progress(stage, done, total)`` after each block of rows.
+    fused : {"auto", "off", "attention"}
+        One-to-one CLIP through fused attention kernels (see :class:`CrossProductOperator`).
 
     Returns
     -------
@@ -380,7 +390,7 @@ def weighted_cross_product(
     op = CrossProductOperator(
         phi_x, phi_y, z_x, z_y, loss=loss, temperature=temperature, nu=nu, negatives=negatives,
         groups=groups, seed=seed, block_rows=block_rows, block_cols=block_cols,
-        memory_budget=memory_budget, device=device, dtype=dtype, progress=progress,
+        memory_budget=memory_budget, device=device, dtype=dtype, progress=progress, fused=fused,
     )
     C = op.materialize()
     if not isinstance(phi_x, torch.Tensor):

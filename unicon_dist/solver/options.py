@@ -11,6 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
+from ..math.validation import resolve_dtype
+from .planning import device_tile_budget
+
 __all__ = ["PassOptions"]
 
 
@@ -43,6 +48,13 @@ class PassOptions:
         Where and in which precision the tiles are computed (None: the builder's default).
     progress : callable, optional
         ``progress(stage, done, total)`` after each block of rows.
+    fused : {"auto", "off", "attention"}
+        Whether one-to-one CLIP batches go through fused attention kernels instead of the
+        two tiled passes (:mod:`unicon_dist.solver.fused`); "auto" where eligible, faster
+        by its cost model and as accurate.
+    matrix_free : bool
+        The operator will serve products with thin Ω (the randomized SVD) rather than be
+        materialised; the fused path's cost model reads it.
     """
 
     loss: Any = "clip"
@@ -60,6 +72,12 @@ class PassOptions:
     device: Any = None
     dtype: Any = None
     progress: Callable | None = None
+    fused: str = "auto"
+    matrix_free: bool = False
+
+    def __post_init__(self):
+        if self.fused not in ("auto", "off", "attention"):
+            raise ValueError(f"fused must be 'auto', 'off' or 'attention', got {self.fused!r}")
 
     @classmethod
     def of(cls, options: "PassOptions | None" = None, **keywords) -> "PassOptions":
@@ -74,5 +92,13 @@ class PassOptions:
         return dataclasses.replace(base, **keywords) if keywords else base
 
     def with_plan(self, plan) -> "PassOptions":
-        """These options cut as a :class:`~unicon_dist.solver.planning.PanelPlan` says."""
-        return dataclasses.replace(self, panel_rows=plan.panel_rows, memory_budget=plan.tile_budget)
+        """These options cut as a :class:`~unicon_dist.solver.planning.PanelPlan` says.
+
+        The panels follow the plan; so do the tiles on the CPU.  On CUDA the tiles take
+        :func:`~unicon_dist.solver.planning.device_tile_budget` (the plan's budget at least):
+        the plan bounds host memory, and its small tiles would leave the GPU launch-bound.
+        """
+        device = "cpu" if self.device is None else self.device
+        itemsize = torch.finfo(torch.float32 if self.dtype is None else resolve_dtype(self.dtype)).bits // 8
+        return dataclasses.replace(self, panel_rows=plan.panel_rows,
+                                   memory_budget=device_tile_budget(device, plan.tile_budget, itemsize=itemsize))

@@ -9,7 +9,7 @@ filesystem all nodes see at the same path) and streams the other panels past the
   row and column statistics per worker, merged on the driver in worker order, then
   broadcast;
 * pass 2 returns each worker's part of C (or C·Ω, Cᵀ·Ω), summed on the driver in worker
-  order, in float64 (:func:`unicon_dist.solver.passes.merge_products`).
+  order, in float64 (:func:`unicon_dist.solver.products.merge_products`).
 
 A worker that dies mid-call is replaced by a fresh actor on the same placement-group
 bundle; the driver replays what the worker held (its share, the statistics) and repeats
@@ -28,7 +28,7 @@ import torch
 from ...solver.layout import assign_panels, shared_batches
 from ...solver.operator import CrossProductOperator
 from ...solver.options import PassOptions
-from ...solver.passes import merge_products
+from ...solver.products import merge_products
 from ...solver.planning import PanelPlan, plan_panels
 from ...solver.progress import LogProgress
 from . import cluster
