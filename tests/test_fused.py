@@ -1,4 +1,5 @@
-"""The fused attention path for one-to-one CLIP (math/attention.py, solver/fused.py).
+"""Both passes at once for one-to-one CLIP: the fused attention kernels (math/attention.py),
+the stored tile (math/one_pass.py) and the choice between them (solver/fused.py).
 
 References: autograd of the dense loss (S = −∂L/∂s) and numpy products for the formulas;
 the tiled passes for the solver path.  Between the fused and the tiled path in float32 the
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import unicon_dist as ud
-from unicon_dist.math import attention
+from unicon_dist.math import attention, one_pass
 from unicon_dist.math.dense import contrastive_loss
 from unicon_dist.solver import fused
 from unicon_dist.solver.operator import CrossProductOperator
@@ -80,16 +81,17 @@ def test_kernel_probe_and_padding():
         assert torch.allclose(lse.double(), torch.logsumexp(s, -1), atol=1e-13)
 
 
+@pytest.mark.parametrize("how", ["attention", "one-pass"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("negatives", ["full", 500])
 @pytest.mark.parametrize("nu", [1.0, 0.5])
-def test_operator_fused_equals_tiled(dtype, negatives, nu):
+def test_operator_fused_equals_tiled(how, dtype, negatives, nu):
     """C, C·Ω, Cᵀ·Ω, the loss and the statistics' summary agree with the tiled passes."""
     zx, zy, A, B = _data(1500, 6, 10, 7, dtype, coupled=1.0)
     ops = {f: CrossProductOperator(A, B, zx, zy, temperature=0.1, nu=nu, negatives=negatives, fused=f)
-           for f in ("off", "attention")}
-    tiled, fast = ops["off"], ops["attention"]
-    assert all(fast._stats[k].get("fused") == "attention" for k in range(len(fast.batches)))
+           for f in ("off", how)}
+    tiled, fast = ops["off"], ops[how]
+    assert all(fast._stats[k].get("fused") == how for k in range(len(fast.batches)))
     assert not any("fused" in st for st in tiled._stats)
     tol = _bound(dtype)
     C0, C1 = tiled.materialize(), fast.materialize()
@@ -108,21 +110,43 @@ def test_operator_fused_equals_tiled(dtype, negatives, nu):
     assert torch.allclose(fast.tile_product(key), tiled.tile_product(key), rtol=tol, atol=tol * float(C0.abs().max()))
 
 
-def test_auto_chooses_both_ways():
-    """The cost model: fused where its FLOPs at its measured rate beat the tiled passes."""
-    assert fused.prefer_fused("cpu", 128, (128, 128), matrix_free=False)
-    assert not fused.prefer_fused("cpu", 32, (128, 128), matrix_free=False)
-    assert not fused.prefer_fused("cpu", 128, (512, 512), matrix_free=False)
-    assert not fused.prefer_fused("cpu", 128, (128, 128), matrix_free=True)
-    # unmeasured devices: FLOPs alone, which never favour the kernels
-    assert not fused.prefer_fused("cuda", 128, (128, 128), matrix_free=False)
+def test_one_pass_wide_left_operand():
+    """The stored-tile product multiplies by the narrower operand on either side."""
+    zx, zy, A, B = _data(700, 5, 3, 11, torch.float64)
+    for left, right in ((A, B), (B, A)):
+        ref = CrossProductOperator(left, right, zx, zy, temperature=0.1, fused="off").materialize()
+        got = CrossProductOperator(left, right, zx, zy, temperature=0.1, fused="one-pass")
+        assert got._stats[0]["fused"] == "one-pass"
+        assert torch.allclose(got.materialize(), ref, rtol=0, atol=_bound(torch.float64) * float(ref.abs().max()))
+
+
+def test_auto_chooses_both_ways(monkeypatch):
+    """The cost model: each path where its GEMM work at its measured rate is the least;
+    RESULTS §1b has the timings."""
+    both = ["attention", "one-pass"]
+    for r, m in ((32, 128), (128, 128), (128, 512)):
+        assert fused.choose("cpu", r, (m, m), both) == "one-pass"  # the scores and exp once: fewer FLOPs
+    assert fused.choose("cpu", 128, (128, 128), ["attention"]) == "attention"
+    assert fused.choose("cpu", 32, (128, 128), ["attention"]) == "tiled"
+    assert fused.choose("cpu", 128, (512, 512), ["attention"]) == "tiled"
+    assert fused.choose("cpu", 128, (128, 128), []) == "tiled"
+    # unmeasured devices: FLOPs alone, so the stored tile where it fits and never the kernels
+    assert fused.choose("cuda", 128, (128, 128), ["attention"]) == "tiled"
+    assert fused.choose("cuda", 32, (512, 512), both) == "one-pass"
     zx, zy, A, B = _data(600, 16, 16, 16, torch.float32)
-    chosen = CrossProductOperator(A, B, zx, zy, temperature=0.1)
-    assert chosen._stats[0].get("fused") == "attention"
+    assert CrossProductOperator(A, B, zx, zy, temperature=0.1)._stats[0].get("fused") == "one-pass"
+    monkeypatch.setattr(fused, "DEFAULT_ONE_PASS_BYTES", 0)  # no stored tile fits
+    assert CrossProductOperator(A, B, zx, zy, temperature=0.1)._stats[0].get("fused") == "attention"
     narrow = CrossProductOperator(A, B, zx[:, :4].contiguous(), zy[:, :4].contiguous(), temperature=0.1)
     assert "fused" not in narrow._stats[0]
     free = CrossProductOperator(A, B, zx, zy, temperature=0.1, matrix_free=True)
     assert "fused" not in free._stats[0]
+    # a stored tile needs the direct regime (|s/τ| ≤ 40 in float32)
+    monkeypatch.setattr(fused, "DEFAULT_ONE_PASS_BYTES", 1 << 30)
+    cold = CrossProductOperator(A, B, zx, zy, temperature=0.02, fused="one-pass")
+    assert "fused" not in cold._stats[0]
+    with pytest.raises(ValueError, match="fused"):
+        CrossProductOperator(A, B, zx, zy, fused="sometimes")
 
 
 def test_ineligible_batches_stay_tiled():
@@ -130,11 +154,12 @@ def test_ineligible_batches_stay_tiled():
     zx, zy, A, B = _data(400, 4, 5, 5, torch.float64)
     groups = np.arange(400) // 2
     cases = [dict(groups=groups), dict(loss="sigmoid"), dict(panel_rows=150)]
-    for kw in cases:
-        op = CrossProductOperator(A, B, zx, zy, temperature=0.1, fused="attention", **kw)
-        assert not any("fused" in st for st in op._stats), kw
-    zero = CrossProductOperator(A, B, 0 * zx, 0 * zy, fused="attention")
-    assert not any("fused" in st for st in zero._stats)
+    for how in ("attention", "one-pass"):
+        for kw in cases:
+            op = CrossProductOperator(A, B, zx, zy, temperature=0.1, fused=how, **kw)
+            assert not any("fused" in st for st in op._stats), kw
+        zero = CrossProductOperator(A, B, 0 * zx, 0 * zy, fused=how)
+        assert not any("fused" in st for st in zero._stats)
 
 
 def test_dominant_positives_fall_back():
@@ -180,9 +205,10 @@ def test_split_owners_merge_to_one_owner():
     assert all(st.get("fused") == "attention" for st in merged.values())
 
 
+@pytest.mark.parametrize("how", ["attention", "one-pass"])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 @pytest.mark.parametrize("negatives", ["full", 400])
-def test_fit_same_with_and_without_kernels(similarity, negatives, monkeypatch):
+def test_fit_same_with_and_without_kernels(how, similarity, negatives, monkeypatch):
     """A linear fit (r = m, where "auto" picks the kernels) equals the tiled fit to float32
     round-off amplified by the iteration (a few steps: 1e-4 of max|W|)."""
     rng = np.random.default_rng(0)
@@ -191,16 +217,18 @@ def test_fit_same_with_and_without_kernels(similarity, negatives, monkeypatch):
     Y = np.tanh(latent @ rng.standard_normal((8, 8))) + 0.3 * rng.standard_normal((1200, 8))
     kw = dict(rank=8, similarity=similarity, negatives=negatives, max_iter=4, tol=0.0, loss_tol=0.0, seed=0)
     fits, calls = {}, []
-    kernel = attention.clip_attention_product
-    monkeypatch.setattr(attention, "clip_attention_product", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    for mode in ("off", "attention"):
+    module = attention if how == "attention" else one_pass
+    name = "clip_attention_product" if how == "attention" else "clip_one_pass_product"
+    kernel = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    for mode in ("off", how):
         monkeypatch.setattr(fused, "FORCE", mode)
         fits[mode] = ud.UniCon(**kw).fit(X, Y)
-        assert bool(calls) == (mode == "attention")
-    W0, W1 = (torch.as_tensor(f.W_) for f in (fits["off"], fits["attention"]))
+        assert bool(calls) == (mode == how)
+    W0, W1 = (torch.as_tensor(f.W_) for f in (fits["off"], fits[how]))
     assert float((W1 - W0).abs().max()) <= 1e-4 * float(W0.abs().max())
-    assert fits["attention"].loss_ == pytest.approx(fits["off"].loss_, rel=1e-5)
-    assert math.isfinite(fits["attention"].loss_)
+    assert fits[how].loss_ == pytest.approx(fits["off"].loss_, rel=1e-5)
+    assert math.isfinite(fits[how].loss_)
 
 
 def test_matrix_free_products_through_the_kernels(monkeypatch):
@@ -223,3 +251,28 @@ def test_matrix_free_products_through_the_kernels(monkeypatch):
     P0, P1 = tiled.rmatmul(om), fast.rmatmul(om)
     assert (P1 - P0).abs().max() <= tol * P0.abs().max()
     assert fast.loss == pytest.approx(tiled.loss, rel=tol)
+
+
+def test_feature_rows_gather_once_per_order(monkeypatch):
+    """An in-memory fit's loader gathers its feature rows once per row order and then only
+    embeds: the same tensors as embedding the gathered rows directly."""
+    from unicon_dist.data.rows import FeatureRows, embed
+
+    g = torch.Generator().manual_seed(3)
+    px, py = torch.randn(50, 6, generator=g), torch.randn(50, 4, generator=g)
+    F1, F2 = torch.randn(3, 6, generator=g), torch.randn(3, 4, generator=g)
+    rows = FeatureRows(px, py, "cosine")
+    order = np.random.default_rng(0).permutation(50)
+    gathers = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: gathers.append(1) or real(t, *a))
+    for _ in range(3):
+        got = rows.at(F1, F2)(order)
+    assert len(gathers) == 2  # Φ_X and Φ_Y, once
+    want = embed(px[torch.as_tensor(order)], py[torch.as_tensor(order)], F1, F2, "cosine")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    rows.at(F1, F2)(order[::-1].copy())  # another order gathers again
+    assert len(gathers) == 4
+    sliced = rows.at(None, None)(slice(5, 9))
+    assert sliced[0].shape == (4, 6) and not sliced[2].any()

@@ -1,27 +1,36 @@
-"""Both passes of a batch in one: fused attention kernels for one-to-one CLIP.
+"""Both passes of a batch in one, for one-to-one CLIP: fused attention kernels or a stored tile.
 
 For a batch with one positive per row under ψ = exp, held whole by one owner and loaded as
-one panel, :func:`unicon_dist.math.attention.clip_attention_product` gives the batch's
-part of −2n·C and its row and column log-sum-exps in one call of two fused kernels; the
-statistics of pass 1 follow from those log-sum-exps, and pass 2 uses the part kept here.
-Everything else (groups of positives, a general ψ, batches split over owners or panels,
-the first step s ≡ 0, dtypes or devices without a kernel) stays on the tiled passes.
+one panel, two computations give the batch's part of −2n·C and its statistics at once:
 
-Whether the fused kernels are used (``PassOptions.fused``):
+* ``"attention"``: :func:`unicon_dist.math.attention.clip_attention_product`, two fused
+  attention kernels that also return the row and column log-sum-exps;
+* ``"one-pass"``: :func:`unicon_dist.math.one_pass.clip_one_pass_product`, the batch's tile
+  of e^{s/τ} formed once and kept between the statistics and the product (direct regime
+  only, and only where the L × L tile fits the tile budget).
 
-* ``"off"``: never;
-* ``"attention"``: wherever eligible;
-* ``"auto"`` (default): where eligible and the cost model below says faster, and the
-  kernel's rounding is within :data:`~unicon_dist.math.attention.AMPLIFICATION_MAX` of
-  the tiled path's (else the batch is recomputed on the tiled path).
+The statistics of pass 1 follow from either; pass 2 uses the part of C kept here
+(``PassContext.fused_parts``).  Everything else (groups of positives, a general ψ, batches
+split over owners or panels, the first step s ≡ 0) stays on the tiled passes.
 
-The cost model counts the GEMM work of each path per entry of the batch's L × L
-similarity block, for a materialised C (``PassOptions.matrix_free`` False):
-tiled 2r (pass 1) + 2(r + min(m_x, m_y)) (pass 2), fused 2·2·max(r, m_y) + 2·2·max(r, m_x)
-(two kernels, queries and values zero-padded to one width), each divided by the share of the
-float32 GEMM rate the path reached in ``benchmarks/bench_cross_product.py`` (RESULTS §1).
-A matrix-free operator takes several thin products per iteration, which the kernels can
-only serve at twice the tiled FLOPs, so "auto" keeps those on the tiled path.
+``PassOptions.fused`` chooses: ``"off"`` never, ``"attention"`` or ``"one-pass"`` wherever
+that path is eligible, ``"auto"`` (default) the path this module's cost model expects to be
+fastest.  The model, per entry of the batch's L × L similarity block, for a materialised C:
+
+* tiled: GEMM work 2r (pass 1) + 2(r + min(m_x, m_y)) (pass 2);
+* attention: 2·2·max(r, m_y) + 2·2·max(r, m_x) (two kernels, each forming the scores at the
+  zero-padded common width of queries and values);
+* one-pass: 2r + 2·min(m_x, m_y) (the scores and the exponential once).
+
+Each count is divided by the share of the float32 GEMM rate the path reached on the
+development CPU (RESULTS §1b).  So the stored tile is taken wherever it fits, and the kernels
+only where it does not (large full-negative batches) and r is close to m.  Where nothing is
+measured (CUDA) the shares are equal, so FLOPs decide, with the same outcome except that the
+kernels are never chosen.  In "auto" a fused result whose rounding would exceed the tiled path's by more than
+:data:`~unicon_dist.math.attention.AMPLIFICATION_MAX` (positives that take nearly all of their
+row's softmax) is recomputed on the tiled passes.  A matrix-free operator takes several thin
+products per iteration, which a kept m_x × m_y part serves only after forming it at full
+width, so "auto" keeps those on the tiled passes.
 """
 
 from __future__ import annotations
@@ -30,65 +39,109 @@ import math
 
 import torch
 
-from ..math import attention
+from ..math import attention, one_pass
 from ..math import weights as W
 
-__all__ = ["MODES", "FORCE", "eligible", "prefer_fused", "use_fused", "fused_statistics", "fused_product"]
+__all__ = ["MODES", "FORCE", "eligible", "choose", "method", "fused_statistics", "fused_product"]
 
-MODES = ("auto", "off", "attention")
+MODES = ("auto", "off", "attention", "one-pass")
 
 #: overrides ``PassOptions.fused`` in this process when set (benchmarks and tests compare
 #: the paths inside one run with it); not part of the public API
 FORCE: str | None = None
 
-# share of the float32 GEMM rate each path reached (RESULTS §1, 2-core AMD EPYC, 2026-12-07):
-# the fused kernels 0.93 at n = 20,000 and at B = 4,096; the tiled passes 0.60-0.65.  On CUDA
-# nothing is measured yet, so both get the same share and FLOPs alone decide (the fused
-# kernels never do fewer, so "auto" stays tiled there until bench_device measures them).
-_EFFICIENCY = {"cpu": {"fused": 0.93, "tiled": 0.62}}
-_UNMEASURED = {"fused": 1.0, "tiled": 1.0}
+# Measured on the 2-core AMD EPYC of RESULTS §1b (2026-12-07), float32: the share of the GEMM
+# rate each path's GEMM work ran at -- the fused kernels 0.88-0.95 (full negatives, r = m =
+# 128), the tiled passes 0.60-0.67 with their elementwise work, the stored tile about the same
+# as the tiled pass 2.  A stored tile that leaves the cache (B = 4,096: 64 MiB) still beat the
+# tiled passes there (2.2 against 2.95 s for C at r = 32, n = 200,000), so its memory traffic
+# is not modelled.
+_CPU = {"attention": 0.93, "tiled": 0.62, "one-pass": 0.62}
+_UNMEASURED = {"attention": 1.0, "tiled": 1.0, "one-pass": 1.0}
+_RATES = {"cpu": _CPU}
+
+#: the largest stored tile without a memory budget (a batch of 8,192 in float32)
+DEFAULT_ONE_PASS_BYTES = 256 << 20
 
 
 def mode(options) -> str:
-    return FORCE if FORCE is not None else getattr(options, "fused", "auto")
+    m = FORCE if FORCE is not None else getattr(options, "fused", "auto")
+    if m not in MODES:
+        raise ValueError(f"fused must be one of {MODES}, got {m!r}")
+    return m
 
 
 def eligible(ctx, b, owner) -> bool:
-    """Whether batch ``b`` can go through the fused kernels for this owner."""
+    """Whether batch ``b`` can take both passes at once for this owner (either path)."""
     return (ctx.exp and b.pos.one_to_one and not ctx.options.constant and len(b.panels) == 1
-            and ctx.layout.whole(b, owner) and attention.kernel_available(ctx.device, ctx.dtype))
+            and ctx.layout.whole(b, owner))
 
 
-def prefer_fused(device_type: str, rank: int, shape: tuple[int, int], matrix_free: bool) -> bool:
-    """The cost model of the module docstring: whether the fused kernels should be faster."""
-    if matrix_free:
-        return False
-    eff = _EFFICIENCY.get(device_type, _UNMEASURED)
+def _one_pass_block(ctx, b) -> int:
+    return max(1, min(b.n, ctx.plan(b.n, ctx.rank + min(ctx.shape), b.pos).block_rows))
+
+
+def _one_pass_fits(ctx, b, U: float) -> bool:
+    budget = ctx.options.memory_budget or DEFAULT_ONE_PASS_BYTES
+    itemsize = torch.finfo(ctx.dtype).bits // 8
+    return ctx.direct(U) and one_pass.one_pass_bytes(b.n, _one_pass_block(ctx, b), itemsize) <= budget
+
+
+def choose(device_type: str, rank: int, shape: tuple[int, int], available) -> str:
+    """The cost model of the module docstring: the fastest of "tiled" and the ``available``
+    fused paths for embeddings of width ``rank`` and features of widths ``shape``."""
+    rates = _RATES.get(device_type, _UNMEASURED)
     mx, my = shape
-    tiled = (2 * rank + 2 * (rank + min(mx, my))) / eff["tiled"]
-    fused = (4 * max(rank, my) + 4 * max(rank, mx)) / eff["fused"]
-    return fused < tiled
+    costs = {"tiled": (2 * rank + 2 * (rank + min(mx, my))) / rates["tiled"]}
+    if "attention" in available:
+        costs["attention"] = (4 * max(rank, my) + 4 * max(rank, mx)) / rates["attention"]
+    if "one-pass" in available:
+        costs["one-pass"] = (2 * rank + 2 * min(mx, my)) / rates["one-pass"]
+    return min(costs, key=lambda k: (costs[k], k != "tiled"))  # ties go to the tiled passes
 
 
-def use_fused(ctx, b, owner) -> bool:
+def method(ctx, b, owner, U: float) -> str | None:
+    """The path of batch ``b``, whose |s/τ| is at most ``U``: "attention", "one-pass" or None (tiled)."""
     m = mode(ctx.options)
     if m == "off" or not eligible(ctx, b, owner):
-        return False
-    if m == "attention":
-        return True
-    return prefer_fused(ctx.device.type, ctx.rank, ctx.shape, bool(getattr(ctx.options, "matrix_free", False)))
+        return None
+    available = []
+    if attention.kernel_available(ctx.device, ctx.dtype):
+        available.append("attention")
+    if _one_pass_fits(ctx, b, U):
+        available.append("one-pass")
+    if m != "auto":
+        return m if m in available else None
+    if getattr(ctx.options, "matrix_free", False):
+        return None
+    best = choose(ctx.device.type, ctx.rank, ctx.shape, available)
+    return None if best == "tiled" else best
 
 
-def fused_statistics(ctx, b, P) -> tuple[dict, torch.Tensor | None] | None:
-    """(statistics, Φ_Xᵀ(P + P̄ − 2νI)Φ_Y) of batch ``b`` (one panel ``P``; the product is
-    None for a matrix-free operator, whose products call the kernels), or None when the
-    kernel's rounding would exceed the tiled path's by more than the allowed factor (mode
-    "auto"; the caller then takes the tiled passes).
+def fused_statistics(ctx, b, owner) -> tuple[dict, torch.Tensor | None] | None:
+    """(statistics, Φ_Xᵀ(−2n·S)Φ_Y) of batch ``b``, or None where the batch takes the tiled passes.
 
-    The statistics are those the tiled pass 1 returns (:func:`unicon_dist.math.weights.finish_exp`),
-    so single tiles (the verifier) and products with Ω can still be formed from them.
+    The product is None for a matrix-free operator forced onto the attention kernels: its
+    products then call them with values Φ_Y Ω and Φ_X Ω (:func:`fused_product`).  The
+    statistics are those the tiled pass 1 returns (:func:`unicon_dist.math.weights.finish_exp`),
+    so single tiles (the verifier) can still be formed from them.
     """
+    if mode(ctx.options) == "off" or not eligible(ctx, b, owner):
+        return None
+    P = ctx.source.load(b, 0)
+    U = float(P.zx.norm(dim=1).max()) * float(P.zy.norm(dim=1).max())  # |s/τ| ≤ U (Cauchy–Schwarz)
+    how = method(ctx, b, owner, U)
+    if how is None:
+        return None
     lf = ctx.loss_fn
+    if how == "one-pass":
+        block = _one_pass_block(ctx, b)
+        out = one_pass.clip_one_pass_product(P.zx, P.zy, P.phi_x, P.phi_y, lf.nu, math.log(lf.epsilon), block,
+                                             ctx.scratch("one-pass E", b.n, b.n), ctx.scratch("g", block, b.n))
+        st = W.finish_exp(b.pos.size, True, out["lneg_row"], out["lneg_col"], -out["ld_row"], -out["ld_col"],
+                          out["loss_sum"], temperature=lf.temperature, dtype=ctx.dtype, constant=False)
+        st["fused"] = how
+        return st, out["product"]
     per_product = bool(getattr(ctx.options, "matrix_free", False))
     # a matrix-free operator takes its products later, each through the kernels with values
     # Φ_Y Ω and Φ_X Ω (products.product); here only the log-sum-exps are needed
@@ -103,14 +156,13 @@ def fused_statistics(ctx, b, P) -> tuple[dict, torch.Tensor | None] | None:
     lneg_row = lse_row + torch.log1p(-torch.exp(t - lse_row).clamp(max=1.0))
     lneg_col = lse_col + torch.log1p(-torch.exp(t - lse_col).clamp(max=1.0))
     loss_sum = (2.0 * (math.log(lf.epsilon) - lf.nu * t) + lse_row + lse_col).sum()
-    U = float(P.zx.norm(dim=1).max()) * float(P.zy.norm(dim=1).max())
     st = W.finish_exp(b.pos.size, ctx.direct(U), lneg_row, lneg_col, -lse_row, -lse_col, loss_sum,
                       temperature=lf.temperature, dtype=ctx.dtype, constant=False)
-    st["fused"] = "attention"
+    st["fused"] = how
     return st, None if per_product else out["product"]
 
 
 def fused_product(ctx, b, P, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Aᵀ(P + P̄ − 2νI)B of batch ``b`` (one panel ``P``) through the kernels, for operands
+    """Aᵀ(−2n·S)B of batch ``b`` (one panel ``P``) through the kernels, for operands
     A = Φ_X Ω_x, B = Φ_Y Ω_y of a matrix-free product."""
     return attention.clip_attention_product(P.zx[None], P.zy[None], A[None], B[None], ctx.loss_fn.nu)["product"]

@@ -86,9 +86,9 @@ class CrossProductOperator:
         Positions per panel (default: all rows in one panel).
     batch_split : {"random", "contiguous"}
         How ``negatives=B`` cuts the rows into batches (see :func:`make_batches`).
-    fused : {"auto", "off", "attention"}
-        One-to-one CLIP batches through fused attention kernels, both passes in one
-        (:mod:`unicon_dist.solver.fused`): "auto" where that is faster and as accurate.
+    fused : {"auto", "off", "attention", "one-pass"}
+        One-to-one CLIP batches with both passes in one, through fused attention kernels or
+        a stored tile (:mod:`unicon_dist.solver.fused`): "auto" where faster and as accurate.
     matrix_free : bool
         Products with thin Ω will follow rather than :meth:`materialize` (read by "auto").
 
@@ -371,8 +371,8 @@ def weighted_cross_product(
         Where and in which precision the tiles are computed.
     progress : callable, optional
         ``progress(stage, done, total)`` after each block of rows.
-    fused : {"auto", "off", "attention"}
-        One-to-one CLIP through fused attention kernels (see :class:`CrossProductOperator`).
+    fused : {"auto", "off", "attention", "one-pass"}
+        Both passes in one for one-to-one CLIP (see :class:`CrossProductOperator`).
 
     Returns
     -------

@@ -48,10 +48,11 @@ class PassOptions:
         Where and in which precision the tiles are computed (None: the builder's default).
     progress : callable, optional
         ``progress(stage, done, total)`` after each block of rows.
-    fused : {"auto", "off", "attention"}
-        Whether one-to-one CLIP batches go through fused attention kernels instead of the
-        two tiled passes (:mod:`unicon_dist.solver.fused`); "auto" where eligible, faster
-        by its cost model and as accurate.
+    fused : {"auto", "off", "attention", "one-pass"}
+        Whether one-to-one CLIP batches take both passes at once, through fused attention
+        kernels or a stored tile of e^{s/τ}, instead of the two tiled passes
+        (:mod:`unicon_dist.solver.fused`); "auto" where eligible, faster by its cost model
+        and as accurate.
     matrix_free : bool
         The operator will serve products with thin Ω (the randomized SVD) rather than be
         materialised; the fused path's cost model reads it.
@@ -76,8 +77,8 @@ class PassOptions:
     matrix_free: bool = False
 
     def __post_init__(self):
-        if self.fused not in ("auto", "off", "attention"):
-            raise ValueError(f"fused must be 'auto', 'off' or 'attention', got {self.fused!r}")
+        if self.fused not in ("auto", "off", "attention", "one-pass"):
+            raise ValueError(f"fused must be 'auto', 'off', 'attention' or 'one-pass', got {self.fused!r}")
 
     @classmethod
     def of(cls, options: "PassOptions | None" = None, **keywords) -> "PassOptions":

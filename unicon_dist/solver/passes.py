@@ -13,9 +13,9 @@ is one owner of everything; :mod:`unicon_dist.execution.ray` runs one owner per 
   merged values to the next round.  A batch one owner holds entirely is finished inside
   the first round, so a local pass reads each panel as often as a plain loop would.
 * **Pass 2** is in :mod:`.products`.
-* A one-to-one CLIP batch one owner holds whole can take both passes at once through
-  fused attention kernels (:mod:`.fused`): the first round then returns its statistics,
-  and the owner keeps its part of C for pass 2 (``PassContext.fused_parts``).
+* A one-to-one CLIP batch one owner holds whole can take both passes at once (fused
+  attention kernels or a stored tile, :mod:`.fused`): the first round then returns its
+  statistics, and the owner keeps its part of C for pass 2 (``PassContext.fused_parts``).
 """
 
 from __future__ import annotations
@@ -316,12 +316,11 @@ def _round_negatives(ctx: PassContext, owner, args) -> dict:
         if not owned:
             continue
         plan = _stats_plan(ctx, b)
-        if fused.use_fused(ctx, b, owner):
-            got = fused.fused_statistics(ctx, b, ctx.source.load(b, 0))
-            if got is not None:
-                done[b.key], ctx.fused_parts[b.key] = got
-                ctx.report("statistics", 1, 1)
-                continue
+        got = fused.fused_statistics(ctx, b, owner)
+        if got is not None:
+            done[b.key], ctx.fused_parts[b.key] = got
+            ctx.report("statistics", 1, 1)
+            continue
         if ctx.layout.whole(b, owner):
             done[b.key] = (_stats_exp if ctx.exp else _stats_general)(ctx, b, plan)
         elif ctx.exp:
