@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .allocator import release_free_memory
 from ..math.nystrom import NystroemMap
 
-__all__ = ["ArrayPairs", "StoreRows", "embed", "inverse_norms"]
+__all__ = ["ArrayPairs", "FeatureRows", "StoreRows", "embed", "inverse_norms"]
 
 
 def inverse_norms(Z: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,43 @@ class HostToDevice:
             # hand their memory to the next copy while the current stream still reads it
             t.record_stream(current)
         return out
+
+
+class FeatureRows:
+    """In-memory features Φ_X, Φ_Y as loaders ``loader(rows) -> (Φ_X, Φ_Y, z_x, z_y)`` at given encoders.
+
+    A fit visits its rows in the same seeded order at every iteration, so the feature rows
+    gathered for one order are kept and reused: an iteration then computes only the
+    embeddings, instead of gathering four n-row tensors (at n = 200,000 the gather and its
+    fresh allocations took about 0.5 s of a 3 s iteration, RESULTS §1b).
+
+    Parameters
+    ----------
+    phi_x, phi_y : torch.Tensor
+        Features, one row per pair.
+    similarity : {"cosine", "dot"}
+    """
+
+    def __init__(self, phi_x: torch.Tensor, phi_y: torch.Tensor, similarity: str):
+        self.phi_x, self.phi_y, self.similarity = phi_x, phi_y, similarity
+        self._order: np.ndarray | None = None
+        self._gathered: tuple | None = None
+
+    def at(self, F1, F2):
+        """The loader at encoders F1, F2 (None: s = 0)."""
+        return lambda rows: self.load(rows, F1, F2)
+
+    def load(self, rows, F1, F2):
+        if isinstance(rows, slice):
+            px, py = self.phi_x[rows], self.phi_y[rows]
+        else:
+            rows = np.asarray(rows)
+            if self._order is None or not np.array_equal(self._order, rows):
+                index = torch.as_tensor(rows, dtype=torch.long, device=self.phi_x.device)
+                self._order = rows.copy()
+                self._gathered = (self.phi_x.index_select(0, index), self.phi_y.index_select(0, index))
+            px, py = self._gathered
+        return embed(px, py, F1, F2, self.similarity)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data.provenance import store_provenance
-from ..data.rows import ArrayPairs, StoreRows, embed, features
+from ..data.rows import ArrayPairs, FeatureRows, StoreRows, features
 from ..data.store import PairStore
 from ..io.checkpoints import CheckpointRun, array_fingerprint, store_fingerprint
 from ..math.positives import canonical_groups
@@ -238,13 +238,19 @@ def fit_in_memory(model, X, Y, groups, fitter, kernels, loss_fn, device, dtype, 
     matrix_free = svd_plan(model.svd, model.rank, model.svd_oversampling, model.svd_power_iter,
                            phi_x.shape[1], phi_y.shape[1])[1]
 
-    def operator(F1, F2, phi=(phi_x, phi_y)):
+    similarity = str(model.similarity)
+    fit_rows = FeatureRows(phi_x, phi_y, similarity)
+
+    def operator(F1, F2, phi=None):
         # S(γ) at the encoders over in-memory features; F1 = None means s = 0
-        return CrossProductOperator(
-            *embed(*phi, F1, F2, str(model.similarity)), loss=model.loss_fn_, negatives=model.negatives,
-            batch_split=model.batch_split, groups=groups, seed=model.seed,
-            progress=LogProgress(logger, rows=phi[0].shape[0]) if model.verbose else None,
-            matrix_free=matrix_free,
+        rows = fit_rows if phi is None else FeatureRows(*phi, similarity)
+        n = rows.phi_x.shape[0]
+        return CrossProductOperator.from_loader(
+            rows.at(F1, F2), n, (rows.phi_x.shape[1], rows.phi_y.shape[1]), 1 if F1 is None else int(F1.shape[0]),
+            groups=groups, loss=model.loss_fn_, negatives=model.negatives, batch_split=model.batch_split,
+            seed=model.seed, constant=F1 is None, norm_bound=(1.0, 1.0) if similarity == "cosine" else None,
+            device=rows.phi_x.device, dtype=rows.phi_x.dtype, matrix_free=matrix_free,
+            progress=LogProgress(logger, rows=n) if model.verbose else None,
         )
 
     def verifier_operator(F1, F2, precision):
