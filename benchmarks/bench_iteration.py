@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--negatives", type=int, default=4096)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--fused", choices=["auto", "off", "attention"], default="auto")
+    p.add_argument("--fused", choices=["auto", "off", "attention", "one-pass"], default="auto")
     args = p.parse_args(argv)
     try:
         from unicon_dist.solver import fused

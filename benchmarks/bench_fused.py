@@ -1,0 +1,98 @@
+"""Benchmark: seconds per fit iteration with both passes at once (issue 20) against the tiled passes.
+
+One process, one data set per configuration, the modes of ``unicon_dist.solver.fused``
+interleaved repeat by repeat (off, one-pass, attention, auto, off, ...) so that they share the
+machine's state; each fit is linear (whitened features), 3 iterations with no early stop,
+batched negatives.  Reported per mode: the median and the minimum over the repeats of the
+mean seconds per iteration, the ratio of the tiled median to each mode's median, the CPU
+utilisation of each fit (CPU seconds / (wall seconds × threads); well below 1 means other
+work took the cores), and the loss (equal across modes to float32 round-off).
+
+Usage::
+
+    python benchmarks/bench_fused.py                          # n = 200,000; about 10 minutes
+    python benchmarks/bench_fused.py --n 20000 --repeats 1    # smoke test
+
+Writes ``benchmarks/results/fused.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _harness as H  # noqa: E402
+
+H.use_checkout()
+
+import torch  # noqa: E402
+
+import unicon_dist as ud  # noqa: E402
+from unicon_dist.solver import fused  # noqa: E402
+
+from bench_iteration import pairs  # noqa: E402
+
+MODES = ("off", "one-pass", "attention", "auto")
+
+
+def run(n: int, d: int, rank: int, negatives: int, repeats: int) -> dict:
+    X, Y = pairs(n, d)
+    opts = dict(rank=rank, negatives=negatives, seed=0)
+    ud.UniCon(max_iter=1, **opts).fit(X[:5000], Y[:5000])  # warm-up
+    rows = {m: {"seconds_per_iteration": [], "cpu_utilisation": [], "loss": None} for m in MODES}
+    for _ in range(repeats):
+        for m in MODES:
+            fused.FORCE = m
+            c0, t0 = H.cpu_s(), time.perf_counter()
+            model = ud.UniCon(max_iter=3, tol=0.0, loss_tol=0.0, **opts).fit(X, Y)
+            wall, cpu = time.perf_counter() - t0, H.cpu_s() - c0
+            rows[m]["seconds_per_iteration"].append(sum(h["seconds"] for h in model.history_) / len(model.history_))
+            rows[m]["cpu_utilisation"].append(cpu / (wall * torch.get_num_threads()))
+            rows[m]["loss"] = float(model.loss_)
+    fused.FORCE = None
+    base = statistics.median(rows["off"]["seconds_per_iteration"])
+    for m, r in rows.items():
+        r["median"] = statistics.median(r["seconds_per_iteration"])
+        r["min"] = min(r["seconds_per_iteration"])
+        r["speedup_vs_tiled"] = base / r["median"]
+    return {"n": n, "d": d, "rank": rank, "negatives": negatives, "repeats": repeats, "modes": rows}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| r | B | mode | s / iteration, median (min) | tiled ÷ this | CPU util. (min) | loss |",
+             "|---|---|---|---|---|---|---|"]
+    for res in results:
+        for m, r in res["modes"].items():
+            lines.append(f"| {res['rank']} | {res['negatives']:,} | {m} | {r['median']:.2f} ({r['min']:.2f}) | "
+                         f"{r['speedup_vs_tiled']:.2f}× | {min(r['cpu_utilisation']):.2f} | {r['loss']:.10f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=200_000)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--configs", nargs="+", default=["32:1024", "128:1024", "32:4096", "128:4096"],
+                   help="rank:batch pairs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(HERE / "results" / "fused.json"))
+    args = p.parse_args(argv)
+    out = {"commit": H.git_commit(), "machine": H.machine_line(), "results": []}
+    for cfg in args.configs:
+        rank, batch = (int(v) for v in cfg.split(":"))
+        print(f"r = {rank}, B = {batch} ...", file=sys.stderr, flush=True)
+        out["results"].append(run(args.n, args.d, rank, batch, args.repeats))
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"{out['machine']}; commit {out['commit']}; n = {args.n}, d = {args.d}, linear, 3 iterations per fit\n")
+    print(table(out["results"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
