@@ -8,9 +8,15 @@ mean seconds per iteration, the ratio of the tiled median to each mode's median,
 utilisation of each fit (CPU seconds / (wall seconds × threads); well below 1 means other
 work took the cores), and the loss (equal across modes to float32 round-off).
 
+With ``--c-only`` it times C alone instead: ``CrossProductOperator`` on synthetic unit
+embeddings (r wide) and Gaussian features (m = ``--d`` wide), batches cut contiguously, the
+modes interleaved, and reports the median and minimum seconds of building the operator
+(statistics) and materialising C.
+
 Usage::
 
     python benchmarks/bench_fused.py                          # n = 200,000; about 10 minutes
+    python benchmarks/bench_fused.py --c-only --repeats 5     # about 4 minutes
     python benchmarks/bench_fused.py --n 20000 --repeats 1    # smoke test
 
 Writes ``benchmarks/results/fused.json`` and prints a markdown table.
@@ -64,8 +70,34 @@ def run(n: int, d: int, rank: int, negatives: int, repeats: int) -> dict:
     return {"n": n, "d": d, "rank": rank, "negatives": negatives, "repeats": repeats, "modes": rows}
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| r | B | mode | s / iteration, median (min) | tiled ÷ this | CPU util. (min) | loss |",
+def run_c(n: int, d: int, rank: int, negatives: int, repeats: int) -> dict:
+    from unicon_dist.solver.operator import CrossProductOperator
+
+    g = torch.Generator().manual_seed(0)
+    px, py = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    zx = torch.nn.functional.normalize(torch.randn(n, rank, generator=g), dim=1)
+    zy = torch.nn.functional.normalize(torch.randn(n, rank, generator=g), dim=1)
+    rows = {m: {"seconds": [], "cpu_utilisation": [], "loss": None} for m in MODES}
+    for _ in range(repeats):
+        for m in MODES:
+            c0, t0 = H.cpu_s(), time.perf_counter()
+            op = CrossProductOperator(px, py, zx, zy, negatives=negatives, batch_split="contiguous", fused=m)
+            op.materialize()
+            wall, cpu = time.perf_counter() - t0, H.cpu_s() - c0
+            rows[m]["seconds"].append(wall)
+            rows[m]["cpu_utilisation"].append(cpu / (wall * torch.get_num_threads()))
+            rows[m]["loss"] = float(op.loss)
+            del op
+    base = statistics.median(rows["off"]["seconds"])
+    for r in rows.values():
+        r["seconds_per_iteration"] = r["seconds"]  # one C: the table's column
+        r["median"], r["min"] = statistics.median(r["seconds"]), min(r["seconds"])
+        r["speedup_vs_tiled"] = base / r["median"]
+    return {"n": n, "d": d, "rank": rank, "negatives": negatives, "repeats": repeats, "modes": rows}
+
+
+def table(results: list[dict], label: str = "s / iteration") -> str:
+    lines = [f"| r | B | mode | {label}, median (min) | tiled ÷ this | CPU util. (min) | loss |",
              "|---|---|---|---|---|---|---|"]
     for res in results:
         for m, r in res["modes"].items():
@@ -81,16 +113,19 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", default=["32:1024", "128:1024", "32:4096", "128:4096"],
                    help="rank:batch pairs")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(HERE / "results" / "fused.json"))
+    p.add_argument("--out", default=None, help="JSON path (default results/fused.json, fused_c.json with --c-only)")
+    p.add_argument("--c-only", action="store_true", help="time C alone, not fit iterations")
     args = p.parse_args(argv)
+    args.out = args.out or str(HERE / "results" / ("fused_c.json" if args.c_only else "fused.json"))
     out = {"commit": H.git_commit(), "machine": H.machine_line(), "results": []}
     for cfg in args.configs:
         rank, batch = (int(v) for v in cfg.split(":"))
         print(f"r = {rank}, B = {batch} ...", file=sys.stderr, flush=True)
-        out["results"].append(run(args.n, args.d, rank, batch, args.repeats))
+        out["results"].append((run_c if args.c_only else run)(args.n, args.d, rank, batch, args.repeats))
         Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"{out['machine']}; commit {out['commit']}; n = {args.n}, d = {args.d}, linear, 3 iterations per fit\n")
-    print(table(out["results"]))
+    what = "seconds for C (statistics + materialise)" if args.c_only else "linear, 3 iterations per fit"
+    print(f"{out['machine']}; commit {out['commit']}; n = {args.n}, d = {args.d}, {what}\n")
+    print(table(out["results"], "seconds for C" if args.c_only else "s / iteration"))
     return 0
 
 
