@@ -26,9 +26,12 @@ Each count is divided by the share of the float32 GEMM rate the path reached on 
 development CPU (RESULTS §1b).  So the stored tile is taken wherever it fits, and the kernels
 only where it does not (large full-negative batches) and r is close to m.  Where nothing is
 measured (CUDA) the shares are equal, so FLOPs decide, with the same outcome except that the
-kernels are never chosen.  In "auto" a fused result whose rounding would exceed the tiled path's by more than
-:data:`~unicon_dist.math.attention.AMPLIFICATION_MAX` (positives that take nearly all of their
-row's softmax) is recomputed on the tiled passes.  A matrix-free operator takes several thin
+kernels are never chosen.
+
+In "auto" a kernel result whose rounding would exceed the tiled path's by more than
+:data:`~unicon_dist.math.attention.AMPLIFICATION_MAX` (positives that take nearly all of
+their row's softmax) is recomputed on the tiled passes; the stored tile uses the tiled
+path's own formulas and needs no such guard.  A matrix-free operator takes several thin
 products per iteration, which a kept m_x × m_y part serves only after forming it at full
 width, so "auto" keeps those on the tiled passes.
 """

@@ -17,6 +17,9 @@ with t = s/τ and a_i = mean_{k∈P(i)} 1/(N_i + e^{t_ik}), so many-to-many posi
 O(n²) plus O(Σ_i |P(i)|); everything is evaluated in log space, so |s/τ| ≈ 80 does not
 overflow float32.  Memory is O((tile + n)(r + a + b)), independent of n².
 
+With one positive per row (CLIP), a batch that fits can take both passes at once instead: its
+tile of e^{s/τ} formed once and kept, or two fused attention kernels (:mod:`.fused`).
+
 :class:`CrossProductOperator` is a facade: the formulas are in :mod:`unicon_dist.math.weights`,
 the batches and panels in :mod:`.layout`, the loops, partial results and merges in
 :mod:`.passes`, the panel cache in :mod:`.panels`; block sizes come from

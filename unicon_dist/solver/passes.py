@@ -62,8 +62,9 @@ class PassContext:
         ``fits_direct(U) -> bool``, pass 1's choice between plain sums and log space for
         |s/τ| ≤ U (default :func:`unicon_dist.math.weights.fits_direct` at ``dtype``).
     fused_parts : dict
-        Batch key -> this owner's Φ_Xᵀ(−2n·S)Φ_Y (float64) for batches pass 1 took
-        through the fused kernels; filled by the first round, read by pass 2.
+        Batch key -> this owner's Φ_Xᵀ(−2n·S)Φ_Y (float64) for batches pass 1 took both
+        passes of at once (:mod:`.fused`), or None where a matrix-free operator calls the
+        attention kernels per product; filled by the first round, read by pass 2.
     """
 
     layout: Layout

@@ -1,7 +1,7 @@
 """Pass 2: products with S(γ) from pass 1's statistics, tile by tile (:mod:`.passes`).
 
 :func:`product` recomputes each tile, turns it into a tile of −2n·S and accumulates
-(Φ_X Ω_x)ᵀ S (Φ_Y Ω_y) in float64; batches pass 1 took through the fused kernels
+(Φ_X Ω_x)ᵀ S (Φ_Y Ω_y) in float64; batches whose two passes pass 1 took at once
 (:mod:`.fused`) contribute the part of C their owner kept.  :func:`merge_products` sums the
 owners' parts in owner order; :func:`tile_keys` and :func:`tile_product` give single tiles
 (the verifier, :mod:`.verify`).
