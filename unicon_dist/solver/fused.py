@@ -80,8 +80,17 @@ def eligible(ctx, b, owner) -> bool:
             and ctx.layout.whole(b, owner))
 
 
+# rows of the stored tile formed at a time on the CPU: 256-512 rows ran at 2.71 ns per entry
+# against 2.94 ns for whole 1,024-row blocks (L = 1,024, r = 32, m = 128; the plan's tiles
+# would be the whole batch there); other devices take the plan's block
+_CPU_ONE_PASS_ROWS = 512
+
+
 def _one_pass_block(ctx, b) -> int:
-    return max(1, min(b.n, ctx.plan(b.n, ctx.rank + min(ctx.shape), b.pos).block_rows))
+    rows = ctx.plan(b.n, ctx.rank + min(ctx.shape), b.pos).block_rows
+    if ctx.device.type == "cpu":
+        rows = min(rows, _CPU_ONE_PASS_ROWS)
+    return max(1, min(b.n, rows))
 
 
 def _one_pass_fits(ctx, b, U: float) -> bool:
