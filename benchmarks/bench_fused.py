@@ -13,9 +13,14 @@ embeddings (r wide) and Gaussian features (m = ``--d`` wide), batches cut contig
 modes interleaved, and reports the median and minimum seconds of building the operator
 (statistics) and materialising C.
 
+``--one-pass-blocks`` times :func:`unicon_dist.math.one_pass.clip_one_pass_product` alone over
+the batches of n pairs (B = 1,024 by default, ``--configs`` giving r) for blocks of 256, 512 and
+1,024 rows, and prints nanoseconds per entry of the B × B tiles (best of 3).
+
 Usage::
 
     python benchmarks/bench_fused.py                          # n = 200,000; about 10 minutes
+    python benchmarks/bench_fused.py --one-pass-blocks --configs 32:1024   # about 10 s
     python benchmarks/bench_fused.py --c-only --repeats 5     # about 4 minutes
     python benchmarks/bench_fused.py --n 20000 --repeats 1    # smoke test
 
@@ -96,6 +101,27 @@ def run_c(n: int, d: int, rank: int, negatives: int, repeats: int) -> dict:
     return {"n": n, "d": d, "rank": rank, "negatives": negatives, "repeats": repeats, "modes": rows}
 
 
+def one_pass_blocks(n: int, d: int, rank: int, batch: int) -> dict:
+    from unicon_dist.math.one_pass import clip_one_pass_product
+
+    g = torch.Generator().manual_seed(0)
+    nb = n // batch
+    zx = torch.nn.functional.normalize(torch.randn(nb, batch, rank, generator=g), dim=-1) / 0.07
+    zy = torch.nn.functional.normalize(torch.randn(nb, batch, rank, generator=g), dim=-1)
+    A, B = torch.randn(nb, batch, d, generator=g), torch.randn(nb, batch, d, generator=g)
+    E, G = torch.empty(batch, batch), torch.empty(batch, batch)
+    out = {}
+    for rows in (256, 512, 1024):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for k in range(nb):
+                clip_one_pass_product(zx[k], zy[k], A[k], B[k], 1.0, 0.0, rows, E, G[: min(rows, batch)])
+            best = min(best, time.perf_counter() - t0)
+        out[rows] = best / (nb * batch * batch) * 1e9
+    return {"n": nb * batch, "d": d, "rank": rank, "negatives": batch, "ns_per_entry": out}
+
+
 def table(results: list[dict], label: str = "s / iteration") -> str:
     lines = [f"| r | B | mode | {label}, median (min) | tiled ÷ this | CPU util. (min) | loss |",
              "|---|---|---|---|---|---|---|"]
@@ -115,7 +141,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="JSON path (default results/fused.json, fused_c.json with --c-only)")
     p.add_argument("--c-only", action="store_true", help="time C alone, not fit iterations")
+    p.add_argument("--one-pass-blocks", action="store_true", help="ns per entry of the one-pass tile by block rows")
     args = p.parse_args(argv)
+    if args.one_pass_blocks:
+        for cfg in args.configs:
+            rank, batch = (int(v) for v in cfg.split(":"))
+            res = one_pass_blocks(args.n, args.d, rank, batch)
+            print(f"{H.machine_line()}; r = {rank}, m = {args.d}, B = {batch}, {res['n']} pairs: ns per entry by "
+                  "block rows " + ", ".join(f"{k}: {v:.2f}" for k, v in res["ns_per_entry"].items()))
+        return 0
     args.out = args.out or str(HERE / "results" / ("fused_c.json" if args.c_only else "fused.json"))
     out = {"commit": H.git_commit(), "machine": H.machine_line(), "results": []}
     for cfg in args.configs:

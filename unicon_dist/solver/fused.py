@@ -57,8 +57,8 @@ FORCE: str | None = None
 # rate each path's GEMM work ran at -- the fused kernels 0.88-0.95 (full negatives, r = m =
 # 128), the tiled passes 0.60-0.67 with their elementwise work, the stored tile about the same
 # as the tiled pass 2.  A stored tile that leaves the cache (B = 4,096: 64 MiB) still beat the
-# tiled passes there (2.2 against 2.95 s for C at r = 32, n = 200,000), so its memory traffic
-# is not modelled.
+# tiled passes there (C at r = 32, n = 200,000: 2.95 against 4.44 s, medians of
+# `bench_fused.py --c-only`), so its memory traffic is not modelled.
 _CPU = {"attention": 0.93, "tiled": 0.62, "one-pass": 0.62}
 _UNMEASURED = {"attention": 1.0, "tiled": 1.0, "one-pass": 1.0}
 _RATES = {"cpu": _CPU}
@@ -80,9 +80,10 @@ def eligible(ctx, b, owner) -> bool:
             and ctx.layout.whole(b, owner))
 
 
-# rows of the stored tile formed at a time on the CPU: 256-512 rows ran at 2.71 ns per entry
-# against 2.94 ns for whole 1,024-row blocks (L = 1,024, r = 32, m = 128; the plan's tiles
-# would be the whole batch there); other devices take the plan's block
+# rows of the stored tile formed at a time on the CPU: 512-row blocks ran at 2.87 ns per entry
+# against 3.09 ns for whole 1,024-row blocks at r = 32, m = 128, B = 1,024 (the plan's block
+# there), and alike at r = 128 (`bench_fused.py --one-pass-blocks`); other devices take the
+# plan's block
 _CPU_ONE_PASS_ROWS = 512
 
 
@@ -112,11 +113,10 @@ def choose(device_type: str, rank: int, shape: tuple[int, int], available) -> st
     return min(costs, key=lambda k: (costs[k], k != "tiled"))  # ties go to the tiled passes
 
 
-def method(ctx, b, owner, U: float) -> str | None:
-    """The path of batch ``b``, whose |s/τ| is at most ``U``: "attention", "one-pass" or None (tiled)."""
+def method(ctx, b, U: float) -> str | None:
+    """The path of an :func:`eligible` batch ``b`` whose |s/τ| is at most ``U``: "attention",
+    "one-pass" or None (tiled)."""
     m = mode(ctx.options)
-    if m == "off" or not eligible(ctx, b, owner):
-        return None
     available = []
     if attention.kernel_available(ctx.device, ctx.dtype):
         available.append("attention")
@@ -142,7 +142,7 @@ def fused_statistics(ctx, b, owner) -> tuple[dict, torch.Tensor | None] | None:
         return None
     P = ctx.source.load(b, 0)
     U = float(P.zx.norm(dim=1).max()) * float(P.zy.norm(dim=1).max())  # |s/τ| ≤ U (Cauchy–Schwarz)
-    how = method(ctx, b, owner, U)
+    how = method(ctx, b, U)
     if how is None:
         return None
     lf = ctx.loss_fn
