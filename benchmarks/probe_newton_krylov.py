@@ -10,7 +10,8 @@ rank 64, all other options the library's defaults) it
    inexact Newton: GMRES (at most ``--krylov`` products, forcing term 0.05) on the
    Jacobian, each Jacobian–vector product a finite difference (F(R_W(hξ)) − F(W))/h
    projected onto T_W (R_W: rank-r truncation of W + hξ, h = ``--h`` · ‖W‖_F), then a
-   step halved while the certificate (``fixed_point_residual``, cosine) does not fall;
+   step halved while the certificate (``fixed_point_residual``, cosine) does not fall, down to
+   1/16, which is taken whatever its certificate (a probe, not a safeguarded solver);
    ``--precondition`` applies the inverse of the analytic part of the Jacobian (C held
    fixed: −ρI plus the manifold's curvature term, no pass over the rows) by an inner GMRES.
 
