@@ -14,7 +14,7 @@ rank 64, all other options the library's defaults) it
    1/16, which is taken whatever its certificate (a probe, not a safeguarded solver);
    ``--precondition analytic`` applies the inverse of the analytic part of the Jacobian (C
    held fixed: −ρI plus the manifold's curvature term, no pass over the rows) by an inner
-   GMRES of ``--inner`` products; ``--precondition kfac`` adds a Kronecker model of the data
+   GMRES of ``--inner`` products (relative tolerance ``--inner-tol``); ``--precondition kfac`` adds a Kronecker model of the data
    term, P_T·DC[ξ] ≈ −P_T(A_x ξ B_y + B_x ξ A_y)/(2τ) (A: second moments of the cosine-scaled
    feature rows, B: mean covariances of the other view's rows under each row's P or each
    column's P̄, from seeded batches of 1,024), with the analytic part in closed form (it
@@ -32,7 +32,7 @@ Usage::
     python benchmarks/probe_newton_krylov.py                          # float32, h 1e-3
     python benchmarks/probe_newton_krylov.py --dtype float64 --h 1e-6
     python benchmarks/probe_newton_krylov.py --precondition analytic
-    python benchmarks/probe_newton_krylov.py --anderson-iters 0 --precondition kfac --inner 200
+    python benchmarks/probe_newton_krylov.py --anderson-iters 0 --precondition kfac --inner 200 --inner-tol 1e-6
     python benchmarks/probe_newton_krylov.py --anderson-iters 0 --diagnose --krylov 40
 """
 
@@ -83,6 +83,20 @@ def gmres(op, b, k_max, tol, precondition=None):
     return sum(float(y[j]) * Z[j] for j in range(len(y))), rel, k + 1
 
 
+def ritz_values(op, b, k):
+    """Eigenvalues of the k × k Arnoldi matrix of ``op`` from ``b``, by increasing modulus."""
+    Q, H = [b / torch.linalg.norm(b)], np.zeros((k + 1, k))
+    for j in range(k):
+        w = op(Q[j])
+        for i in range(j + 1):  # modified Gram–Schmidt
+            H[i, j] = float((Q[i] * w).sum())
+            w = w - H[i, j] * Q[i]
+        H[j + 1, j] = float(torch.linalg.norm(w))
+        Q.append(w / H[j + 1, j])
+    ev = np.linalg.eigvals(H[:k, :k])
+    return ev[np.argsort(np.abs(ev))]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10000)
@@ -95,6 +109,7 @@ def main():
     ap.add_argument("--anderson-iters", type=int, default=120)
     ap.add_argument("--precondition", choices=["none", "analytic", "kfac"], default="none")
     ap.add_argument("--inner", type=int, default=40)
+    ap.add_argument("--inner-tol", type=float, default=1e-4)
     ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--check-cf", action="store_true")
     args = ap.parse_args()
@@ -137,7 +152,7 @@ def main():
         F = tangent(U, V, C) - rho * W
         return W, U, V, F, C, fixed_point_residual(C, F1, F2, rho, "sqrt", "cosine")
 
-    tau, nu = float(warm.temperature), float(warm.nu)
+    tau = float(warm.temperature)
     phx = warm.map_x_.transform(X, dtype=torch.float64)
     phy = warm.map_y_.transform(Y, dtype=torch.float64)
     batch_rows = np.random.default_rng(1).permutation(len(X))
@@ -164,83 +179,69 @@ def main():
         n = len(X)
         return (Ax / n, Bx / n), (Ay / n, By / n)
 
-    W, U, V, F, C, cert = evaluate(torch.as_tensor(warm.W_, dtype=torch.float64))
-    print(f"newton from Anderson iterate {args.warm_iters}: certificate {cert:.2e}", flush=True)
-    t0 = time.perf_counter()
-    if args.diagnose:
+    def operators(W, U, V, F, C):
+        """At the point W (U, V, F, C its evaluation): the Jacobian J (one evaluation of C
+        per product), its analytic part A (C held fixed; by finite differences, and in
+        closed form) and the Kronecker model K of its data term."""
         h = args.h * float(torch.linalg.norm(W))
-        Kx, Ky = kfac(W)
-        g = torch.Generator().manual_seed(0)
+
         def J(xi):
             Up, sp, Vp = truncate(W + h * xi, r)
             return tangent(U, V, (evaluate((Up * sp) @ Vp.T)[3] - F) / h)
-        def A(xi):
+
+        def A(xi):  # no pass over the rows
             Up, sp, Vp = truncate(W + h * xi, r)
             return tangent(U, V, (tangent(Up, Vp, C) - rho * (Up * sp) @ Vp.T - F) / h)
-        def K(xi):
-            return tangent(U, V, -(Kx[0] @ xi @ Ky[1] + Kx[1] @ xi @ Ky[0]) / (2 * tau))
-        Uo = torch.linalg.svd(W)[0][:, r:]; Vo = torch.linalg.svd(W.T)[0][:, r:]
-        kinds = {"random": lambda: tangent(U, V, torch.randn(W.shape, generator=g, dtype=torch.float64)),
-                 "UU^T-part": lambda: U @ torch.randn((r, r), generator=g, dtype=torch.float64) @ V.T,
-                 "mixing": lambda: Uo @ torch.randn((Uo.shape[1], r), generator=g, dtype=torch.float64) @ V.T}
-        def arnoldi(op, v, k):
-            Q = [v / v.norm()]; H = np.zeros((k + 1, k))
-            for j in range(k):
-                w = op(Q[j])
-                for i in range(j + 1):
-                    H[i, j] = float((Q[i] * w).sum()); w = w - H[i, j] * Q[i]
-                H[j + 1, j] = float(w.norm()); Q.append(w / H[j + 1, j])
-            return np.linalg.eigvals(H[:k, :k])
-        for name, op in (("J", J), ("A+K", lambda x: A(x) + K(x)), ("A", A)):
-            ev = arnoldi(op, -F, args.krylov)
-            ev = ev[np.argsort(np.abs(ev))]
-            print(name, "Ritz values by |.|:", " ".join(f"{z.real:+.3f}{z.imag:+.3f}j" for z in ev[:12]), "...", " ".join(f"{z.real:+.3f}{z.imag:+.3f}j" for z in ev[-4:]), flush=True)
-        for name, make in kinds.items():
-            for _ in range(3):
-                xi = make(); xi = xi / xi.norm()
-                jx, ax, kx = J(xi), A(xi), K(xi)
-                print(f"{name}: <xi,J xi> {float((xi*jx).sum()):+.3e} |J xi| {float(jx.norm()):.3e}  analytic {float((xi*ax).sum()):+.3e}  kfac {float((xi*kx).sum()):+.3e}  |J - A - K| {float((jx-ax-kx).norm()):.3e}", flush=True)
-        return
-    for outer in range(args.outer):
-        h = args.h * float(torch.linalg.norm(W))
-
-        def jacobian(xi):
-            Up, sp, Vp = truncate(W + h * xi, r)
-            return tangent(U, V, (evaluate((Up * sp) @ Vp.T)[3] - F) / h)
 
         Wp = torch.linalg.pinv(W, rtol=1e-10)  # W⁺ of the rank-r point
         PU, PV = U @ U.T, V @ V.T
         IU, IV = torch.eye(PU.shape[0], dtype=W.dtype) - PU, torch.eye(PV.shape[0], dtype=W.dtype) - PV
 
-        def analytic_cf(xi):
-            """The same derivative in closed form: D(UUᵀ)[ξ] = (I − UUᵀ)ξW⁺ + ((I − UUᵀ)ξW⁺)ᵀ, likewise for VVᵀ."""
+        def A_closed(xi):
+            """A in closed form: D(UUᵀ)[ξ] = (I − UUᵀ)ξW⁺ + ((I − UUᵀ)ξW⁺)ᵀ, likewise for VVᵀ."""
             dU = IU @ xi @ Wp
             dU = dU + dU.T
             dV = IV @ xi.T @ Wp.T
             dV = dV + dV.T
-            dP = dU @ C + C @ dV - dU @ C @ PV - PU @ C @ dV
-            return tangent(U, V, dP) - rho * xi
+            return tangent(U, V, dU @ C + C @ dV - dU @ C @ PV - PU @ C @ dV) - rho * xi
 
-        def analytic(xi):  # C held fixed: no pass over the rows
-            Up, sp, Vp = truncate(W + h * xi, r)
-            return tangent(U, V, (tangent(Up, Vp, C) - rho * (Up * sp) @ Vp.T - F) / h)
+        Kx, Ky = kfac(W) if args.diagnose or args.precondition == "kfac" else (None, None)
 
-        if args.precondition == "kfac":
-            Kx, Ky = kfac(W)
+        def K(xi):
+            return tangent(U, V, -(Kx[0] @ xi @ Ky[1] + Kx[1] @ xi @ Ky[0]) / (2 * tau))
 
-            def model(xi):  # the analytic part plus the Kronecker model of P_T·DC
-                return analytic(xi) + tangent(U, V, -(Kx[0] @ xi @ Ky[1] + Kx[1] @ xi @ Ky[0]) / (2 * tau))
-        else:
-            model = analytic
+        return J, A, A_closed, K
+
+    W, U, V, F, C, cert = evaluate(torch.as_tensor(warm.W_, dtype=torch.float64))
+    print(f"newton from Anderson iterate {args.warm_iters}: certificate {cert:.2e}", flush=True)
+    t0 = time.perf_counter()
+    if args.diagnose:
+        J, A, _, K = operators(W, U, V, F, C)
+        for name, op in (("J", J), ("A+K", lambda x: A(x) + K(x)), ("A", A)):
+            ev = ritz_values(op, -F, args.krylov)
+            print(name, "Ritz values by |.|:", " ".join(f"{z.real:+.3f}{z.imag:+.3f}j" for z in ev[:12]), "...",
+                  " ".join(f"{z.real:+.3f}{z.imag:+.3f}j" for z in ev[-4:]), flush=True)
+        g = torch.Generator().manual_seed(0)
+        Uo = torch.linalg.svd(W)[0][:, r:]
+        kinds = {"random": lambda: tangent(U, V, torch.randn(W.shape, generator=g, dtype=torch.float64)),
+                 "UU^T-part": lambda: U @ torch.randn((r, r), generator=g, dtype=torch.float64) @ V.T,
+                 "mixing": lambda: Uo @ torch.randn((Uo.shape[1], r), generator=g, dtype=torch.float64) @ V.T}
+        for name, make in kinds.items():
+            for _ in range(3):
+                xi = make()
+                xi = xi / xi.norm()
+                jx, ax, kx = J(xi), A(xi), K(xi)
+                print(f"{name}: <xi,J xi> {float((xi * jx).sum()):+.3e} |J xi| {float(jx.norm()):.3e}  "
+                      f"analytic {float((xi * ax).sum()):+.3e}  kfac {float((xi * kx).sum()):+.3e}  "
+                      f"|J - A - K| {float((jx - ax - kx).norm()):.3e}", flush=True)
+        return
+    for outer in range(args.outer):
+        jacobian, A, A_closed, K = operators(W, U, V, F, C)
         if args.check_cf:
-            g0 = torch.Generator().manual_seed(3)
-            xi = tangent(U, V, torch.randn(W.shape, generator=g0, dtype=torch.float64))
-            print("closed-form vs FD analytic:", float((analytic_cf(xi) - analytic(xi)).norm() / analytic(xi).norm()), flush=True)
-        if args.precondition == "kfac":
-            model = lambda xi: analytic_cf(xi) + tangent(U, V, -(Kx[0] @ xi @ Ky[1] + Kx[1] @ xi @ Ky[0]) / (2 * tau))
-        elif args.precondition == "analytic":
-            model = analytic_cf
-        inverse = (lambda v: gmres(model, v, args.inner, 1e-6)[0]) if args.precondition != "none" else None
+            xi = tangent(U, V, torch.randn(W.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+            print("closed-form vs FD analytic:", float((A_closed(xi) - A(xi)).norm() / A(xi).norm()), flush=True)
+        model = {"analytic": A, "kfac": lambda xi: A_closed(xi) + K(xi)}.get(args.precondition)
+        inverse = None if model is None else (lambda v: gmres(model, v, args.inner, args.inner_tol)[0])
         xi, linear, products = gmres(jacobian, -F, args.krylov, 0.05, inverse)
         alpha = 1.0
         while True:
