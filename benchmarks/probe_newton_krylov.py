@@ -62,18 +62,22 @@ def truncate(W, r):
     return U[:, :r], s[:r], Vh[:r].T
 
 
+def extend(Q, H, k, w):
+    """Arnoldi step k: orthogonalise w against the basis Q (modified Gram–Schmidt), append it, fill column k of H."""
+    for j in range(k + 1):
+        H[j, k] = float((Q[j] * w).sum())
+        w = w - H[j, k] * Q[j]
+    H[k + 1, k] = float(torch.linalg.norm(w))
+    Q.append(w / H[k + 1, k])
+
+
 def gmres(op, b, k_max, tol, precondition=None):
     """Flexible GMRES (right preconditioning by any callable) from x = 0; (x, relative residual, products)."""
     nb = float(torch.linalg.norm(b))
     Q, Z, H = [b / nb], [], np.zeros((k_max + 1, k_max))
     for k in range(k_max):
         Z.append(Q[k] if precondition is None else precondition(Q[k]))
-        w = op(Z[k])
-        for j in range(k + 1):  # modified Gram–Schmidt
-            H[j, k] = float((Q[j] * w).sum())
-            w = w - H[j, k] * Q[j]
-        H[k + 1, k] = float(torch.linalg.norm(w))
-        Q.append(w / H[k + 1, k])
+        extend(Q, H, k, op(Z[k]))
         e1 = np.zeros(k + 2)
         e1[0] = nb
         y = np.linalg.lstsq(H[:k + 2, :k + 1], e1, rcond=None)[0]
@@ -87,12 +91,7 @@ def ritz_values(op, b, k):
     """Eigenvalues of the k × k Arnoldi matrix of ``op`` from ``b``, by increasing modulus."""
     Q, H = [b / torch.linalg.norm(b)], np.zeros((k + 1, k))
     for j in range(k):
-        w = op(Q[j])
-        for i in range(j + 1):  # modified Gram–Schmidt
-            H[i, j] = float((Q[i] * w).sum())
-            w = w - H[i, j] * Q[i]
-        H[j + 1, j] = float(torch.linalg.norm(w))
-        Q.append(w / H[j + 1, j])
+        extend(Q, H, j, op(Q[j]))
     ev = np.linalg.eigvals(H[:k, :k])
     return ev[np.argsort(np.abs(ev))]
 
