@@ -15,13 +15,16 @@ modes interleaved, and reports the median and minimum seconds of building the op
 
 ``--one-pass-blocks`` times :func:`unicon_dist.math.one_pass.clip_one_pass_product` alone over
 the batches of n pairs (B = 1,024 by default, ``--configs`` giving r) for blocks of 256, 512 and
-1,024 rows, and prints nanoseconds per entry of the B × B tiles (best of 3).
+1,024 rows, and prints nanoseconds per entry of the B × B tiles (best of 3).  ``--exp-rates``
+times torch's ``exp_`` against ``exp2_`` on one 512 × 1,024 float32 tile: the direct-regime tiles
+are formed as 2^{(log₂e·z_x)z_yᵀ} (:func:`unicon_dist.math.weights.exp_scores`) because of it.
 
 Usage::
 
     python benchmarks/bench_fused.py                          # n = 200,000; about 10 minutes
     python benchmarks/bench_fused.py --one-pass-blocks --configs 32:1024   # about 10 s
     python benchmarks/bench_fused.py --c-only --repeats 5     # about 4 minutes
+    python benchmarks/bench_fused.py --exp-rates              # exp against exp2, about 5 s
     python benchmarks/bench_fused.py --n 20000 --repeats 1    # smoke test
 
 Writes ``benchmarks/results/fused.json`` and prints a markdown table.
@@ -122,6 +125,28 @@ def one_pass_blocks(n: int, d: int, rank: int, batch: int) -> dict:
     return {"n": nb * batch, "d": d, "rank": rank, "negatives": batch, "ns_per_entry": out}
 
 
+def exp_rates(rows: int = 512, cols: int = 1024, repeats: int = 200) -> dict:
+    """ns per entry of ``exp_``, ``exp2_`` and the copy both start from, on one float32 tile (best of 5).
+
+    The arguments span [−40, 40], the direct regime's range (``math.weights.fits_direct``).
+    """
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(rows, cols, generator=g) * 80.0 - 40.0)
+    y = torch.empty_like(x)
+    ops = {"copy": lambda: y.copy_(x), "exp": lambda: y.copy_(x).exp_(), "exp2": lambda: y.copy_(x).exp2_()}
+    out = {}
+    for name, f in ops.items():
+        f()
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                f()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = best / (repeats * rows * cols) * 1e9
+    return out
+
+
 def table(results: list[dict], label: str = "s / iteration") -> str:
     lines = [f"| r | B | mode | {label}, median (min) | tiled ÷ this | CPU util. (min) | loss |",
              "|---|---|---|---|---|---|---|"]
@@ -142,7 +167,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default results/fused.json, fused_c.json with --c-only)")
     p.add_argument("--c-only", action="store_true", help="time C alone, not fit iterations")
     p.add_argument("--one-pass-blocks", action="store_true", help="ns per entry of the one-pass tile by block rows")
+    p.add_argument("--exp-rates", action="store_true",
+                   help="ns per entry of exp and exp2 on a 512 x 1,024 float32 tile (math.weights.exp_scores)")
     args = p.parse_args(argv)
+    if args.exp_rates:
+        res = exp_rates()
+        print(f"{H.machine_line()}; 512 x 1,024 float32 tile, ns per entry (best of 5): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in res.items())
+              + f"; exp ÷ exp2 net of the copy {(res['exp'] - res['copy']) / (res['exp2'] - res['copy']):.2f}×")
+        return 0
     if args.one_pass_blocks:
         for cfg in args.configs:
             rank, batch = (int(v) for v in cfg.split(":"))

@@ -172,3 +172,28 @@ def test_weights_guards():
     assert W.fits_direct(300.0, torch.float64) and not W.fits_direct(301.0, torch.float64)
     parts = [torch.tensor([0.0, -math.inf]), torch.tensor([1.0, -math.inf])]
     np.testing.assert_allclose(W.logaddexp_all(parts).numpy(), [math.log(1 + math.e), -math.inf])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_scores_is_exp_of_the_scores(dtype):
+    """2^{(log₂e·zx)zyᵀ} against e^{t} with t and the exp in float64, over the direct regime.
+
+    Both the GEMM and the scaling round t by O(|t|·ε) (r = 16 terms here), so the relative error of
+    e^{t} is bounded by c·(1 + |t|)·ε; the same bound is checked for torch.exp of the float32
+    GEMM, so the new route is compared to the old one, not to an arbitrary tolerance.
+    """
+    from unicon_dist.math import weights as W
+
+    g = torch.Generator().manual_seed(3)
+    zx = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    zy = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    zx *= 40.0 / (zx.norm(dim=1).max() * zy.norm(dim=1).max())  # |t| ≤ 40: fits_direct's float32 bound
+    t = zx @ zy.T
+    ref = torch.exp(t)
+    bound = 16 * (1 + t.abs()) * torch.finfo(dtype).eps
+    new = W.exp_scores(zx.to(dtype), zy.to(dtype)).double()
+    old = torch.exp((zx.to(dtype) @ zy.to(dtype).T)).double()
+    assert ((old - ref).abs() / ref <= bound).all()
+    assert ((new - ref).abs() / ref <= bound).all()
+    out = torch.empty(200, 300, dtype=dtype)
+    assert W.exp_scores(zx.to(dtype), zy.to(dtype), out=out).data_ptr() == out.data_ptr()
