@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .weights import LOG2_E
+from .weights import exp_scores
 
 __all__ = ["one_pass_bytes", "clip_one_pass_product"]
 
@@ -59,10 +59,9 @@ def clip_one_pass_product(zx: torch.Tensor, zy: torch.Tensor, A: torch.Tensor, B
     E = torch.empty((L, L), dtype=zx.dtype, device=zx.device) if out_e is None else out_e
     f64 = dict(dtype=torch.float64, device=zx.device)
     row, col = torch.zeros((L,), **f64), torch.zeros((L,), **f64)
-    zx2 = zx * LOG2_E  # e^{t} as 2^{log₂e·t}: see weights.exp_scores
     for i0 in range(0, L, block_rows):
         i1 = min(i0 + block_rows, L)
-        e = torch.mm(zx2[i0:i1], zy.T, out=E[i0:i1]).exp2_()
+        e = exp_scores(zx[i0:i1], zy, out=E[i0:i1])
         e[:, i0:i1].diagonal().zero_()  # the positives are not negatives
         row[i0:i1] = e.sum(1).double()
         col += e.sum(0).double()
