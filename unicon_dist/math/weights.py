@@ -83,10 +83,11 @@ def exp_scores(zx: torch.Tensor, zy: torch.Tensor, out: torch.Tensor | None = No
     (``benchmarks/bench_fused.py --exp-rates``, RESULTS.md §1c); on CUDA the two were
     not compared (no GPU was lent when this was written).
     Scaling the r columns of ``zx`` instead of the tile's entries costs O(rows·r).  The
-    extra rounding of log₂e·zx is one relative ulp per element, the order of the GEMM's
-    own rounding of t, so e^{t} changes by ≲ |t|·ε relative: 2.4e-6 at the direct
-    regime's bound |t| ≤ 40 in float32 (:func:`fits_direct`), as for ``exp`` of the
-    GEMM's t.
+    extra rounding of log₂e·zx is at most half an ulp per element (ε/2 relative), the
+    order of the GEMM's own rounding of t, so e^{t} changes by ≲ |t|·ε/2 relative: 2.4e-6
+    at the direct regime's bound |t| ≤ 40 in float32 (:func:`fits_direct`), as for ``exp``
+    of the GEMM's t.  ``zx`` is rescaled on every call, O(rows·r) against the GEMM's
+    O(rows·cols·r).
     """
     return torch.mm(zx * LOG2_E, zy.T, out=out).exp2_()
 
